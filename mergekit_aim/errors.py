@@ -1,0 +1,26 @@
+"""Exceptions a user can act on.
+
+Each carries a message that names the offending field, file or tensor and says
+what was expected. They subclass ValueError/RuntimeError so that generic
+handlers (mergekit's, click's) still recognise them.
+"""
+
+
+class AimError(Exception):
+    """Base class of every error mergekit-aim raises on purpose."""
+
+
+class AimConfigError(AimError, ValueError):
+    """The `aim:` block, a CLI option or an API argument is invalid."""
+
+
+class ImportanceError(AimError, ValueError):
+    """An importance artifact is corrupt or does not belong to the base model."""
+
+
+class CalibrationDataError(AimError, RuntimeError):
+    """Calibration text could not be read, reached or packed into blocks."""
+
+
+class CalibrationError(AimError, RuntimeError):
+    """The base model could not be calibrated (loading, hooks, forward)."""
