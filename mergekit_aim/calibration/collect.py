@@ -1,0 +1,467 @@
+"""The statistic: mean |input| per input channel of every weight-owning module.
+
+For each target module (Linear, GPT-2 Conv1D, norms, the LM head; never
+embeddings) a forward pre-hook adds Σ|x| over all tokens of its input to a
+float32 accumulator on the input's own device, through the
+``channel_abs_sum_`` kernel. Nothing is copied to the host until the end, and
+no activation is kept. Sums and token counts (not means) make results additive
+across batches, ranks and runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Collection, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from mergekit_aim.errors import CalibrationError
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TargetKind:
+    """A family of modules whose weight AIM relaxes, and its input axis."""
+
+    name: str
+    module_types: Tuple[type, ...]
+    class_pattern: Optional[re.Pattern]
+    input_axis: int
+
+
+def _target_kinds() -> Tuple[TargetKind, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    return (
+        TargetKind("linear", (nn.Linear,), None, -1),
+        # GPT-2 style Conv1D stores its weight [in, out].
+        TargetKind("conv1d", (Conv1D,), None, 0),
+        # Norm weights scale the hidden state elementwise: their input channels
+        # are the weight's own entries. Model-specific norms (LlamaRMSNorm, …)
+        # are matched by class name, as transformers defines one per model.
+        TargetKind(
+            "norm",
+            (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm),
+            re.compile(r"(RMS|Layer|Group)?Norm$"),
+            0,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Target:
+    module_name: str
+    tensor_name: str
+    kind: str
+    input_axis: int
+    channels: int
+
+
+def find_targets(
+    model: nn.Module, checkpoint_names: Optional[Collection[str]] = None
+) -> Tuple[List[Target], Dict[str, str]]:
+    """Modules to measure, keyed by checkpoint tensor name, and what was skipped.
+
+    ``checkpoint_names`` are the tensor names of the checkpoint the merge will
+    read; a module whose weight is not among them (a tied LM head) is skipped
+    and reported. Without it the model's own parameter names are used.
+    """
+    kinds = _target_kinds()
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    tied = _tied_output_embedding(model)
+    targets: List[Target] = []
+    skipped: Dict[str, str] = {}
+    for module_name, module in model.named_modules():
+        kind = _kind_of(module, kinds)
+        if kind is None:
+            continue
+        weight = module._parameters.get("weight")
+        if weight is None:
+            continue
+        param_name = f"{module_name}.weight" if module_name else "weight"
+        if module is tied:
+            skipped[param_name] = "tied to the input embedding (not relaxed)"
+            continue
+        if kind.name == "norm" and weight.ndim != 1:
+            continue
+        tensor_name = _checkpoint_name(param_name, prefix, checkpoint_names)
+        if tensor_name is None:
+            skipped[param_name] = "no such tensor in the checkpoint"
+            continue
+        channels = weight.shape[kind.input_axis] if weight.ndim > 1 else weight.numel()
+        targets.append(
+            Target(module_name, tensor_name, kind.name, kind.input_axis, channels)
+        )
+    return targets, skipped
+
+
+def _kind_of(module: nn.Module, kinds: Tuple[TargetKind, ...]) -> Optional[TargetKind]:
+    for kind in kinds:
+        if isinstance(module, kind.module_types):
+            return kind
+        if kind.class_pattern and kind.class_pattern.search(type(module).__name__):
+            return kind
+    return None
+
+
+def _tied_output_embedding(model: nn.Module) -> Optional[nn.Module]:
+    get_out = getattr(model, "get_output_embeddings", None)
+    get_in = getattr(model, "get_input_embeddings", None)
+    if get_out is None or get_in is None:
+        return None
+    try:
+        out, inp = get_out(), get_in()
+    except (AttributeError, NotImplementedError):
+        return None
+    if out is None or inp is None:
+        return None
+    if getattr(out, "weight", None) is getattr(inp, "weight", object()):
+        return out
+    return None
+
+
+def _checkpoint_name(
+    param_name: str, prefix: str, names: Optional[Collection[str]]
+) -> Optional[str]:
+    if names is None:
+        return param_name
+    candidates = [param_name]
+    # Checkpoints saved from the bare model (e.g. the original GPT-2) omit the
+    # head class's prefix ("transformer.").
+    if prefix and param_name.startswith(prefix + "."):
+        candidates.append(param_name[len(prefix) + 1 :])
+    for name in candidates:
+        if name in names:
+            return name
+    return None
+
+
+class _StopForward(Exception):
+    """Raised before the LM head's matmul: its input is all AIM needs."""
+
+
+class ChannelStatistics:
+    """Owns the hooks and accumulators of one calibration; always removes hooks."""
+
+    def __init__(self, model: nn.Module, targets: List[Target], stop_at=None):
+        self.model = model
+        self.targets = targets
+        self.sums: List[Optional[torch.Tensor]] = [None] * len(targets)
+        self.rows: List[int] = [0] * len(targets)
+        self._stop_at = stop_at
+        self._handles: List[Any] = []
+
+    def __enter__(self) -> ChannelStatistics:
+        modules = dict(self.model.named_modules())
+        try:
+            for index, target in enumerate(self.targets):
+                module = modules[target.module_name]
+                self._handles.append(
+                    module.register_forward_pre_hook(
+                        self._hook(index, module is self._stop_at), with_kwargs=True
+                    )
+                )
+            if self._stop_at is not None and not any(
+                modules[t.module_name] is self._stop_at for t in self.targets
+            ):
+                self._handles.append(
+                    self._stop_at.register_forward_pre_hook(self._stop)
+                )
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @staticmethod
+    def _stop(module: nn.Module, args: Any) -> None:
+        raise _StopForward
+
+    def _hook(self, index: int, stop: bool):
+        from mergekit_aim.kernels import channel_abs_sum_
+
+        target = self.targets[index]
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = _first_tensor(args, kwargs)
+            if x is None or x.shape[-1] != target.channels:
+                raise CalibrationError(
+                    f"module {target.module_name} ({type(module).__name__}) got "
+                    f"input of shape {None if x is None else tuple(x.shape)}; "
+                    f"expected {target.channels} channels in the last dimension"
+                )
+            acc = self.sums[index]
+            if acc is None:
+                acc = torch.zeros(target.channels, dtype=torch.float32, device=x.device)
+            elif acc.device != x.device:
+                acc = acc.to(x.device)
+            channel_abs_sum_(acc, x.detach())
+            self.sums[index] = acc
+            # Shapes are host-side metadata: counting rows never syncs a device.
+            self.rows[index] += x.numel() // target.channels
+            if stop:
+                raise _StopForward
+
+        return hook
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+@contextlib.contextmanager
+def calibration_forward_context(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd for the duration; restore the training flag."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _batches(blocks: Any, batch_size: int) -> Tuple[Iterable[torch.Tensor], Optional[int]]:
+    if batch_size < 1:
+        raise CalibrationError(f"batch_size must be at least 1; got {batch_size}")
+    if isinstance(blocks, torch.Tensor):
+        if blocks.ndim != 2 or blocks.dtype not in (torch.long, torch.int):
+            raise CalibrationError(
+                f"blocks must be an integer tensor [num_blocks, seq_len]; got "
+                f"{blocks.dtype} {tuple(blocks.shape)}"
+            )
+        return blocks.split(batch_size), blocks.numel()
+    return blocks, None
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    weight = getattr(embeddings, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    for param in model.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return torch.device("cpu")
+
+
+def collect_importance(
+    model: nn.Module,
+    blocks: Any,
+    batch_size: int = 8,
+    *,
+    checkpoint_names: Optional[Collection[str]] = None,
+    progress: bool = False,
+) -> "ImportanceMap":  # noqa: F821
+    """Measure an already-loaded Hugging Face causal LM on token blocks.
+
+    ``blocks`` is a LongTensor ``[N, L]`` (split into batches of
+    ``batch_size``) or an iterable of ``[B, L]`` tensors. Returns per-channel
+    |input| sums and token counts keyed by checkpoint tensor name (see
+    :func:`find_targets`). Provenance beyond the skipped modules is the
+    caller's to add.
+    """
+    from mergekit_aim.importance import ImportanceMap
+
+    targets, skipped = find_targets(model, checkpoint_names)
+    if not targets:
+        raise CalibrationError(
+            f"{type(model).__name__} has no Linear, Conv1D or norm module whose "
+            f"weight is in the checkpoint: nothing to measure"
+        )
+    batches, total = _batches(blocks, batch_size)
+    device = _input_device(model)
+    stop_at = getattr(model, "get_output_embeddings", lambda: None)()
+    tokens = 0
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(calibration_forward_context(model))
+        stats = stack.enter_context(ChannelStatistics(model, targets, stop_at))
+        bar = stack.enter_context(_progress(total, progress))
+        for batch in batches:
+            if batch.ndim == 1:
+                batch = batch.unsqueeze(0)
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+            tokens += batch.numel()
+            bar.update(batch.numel())
+    if tokens == 0:
+        raise CalibrationError("calibration got no token blocks")
+    sums, counts, axes = {}, {}, {}
+    for target, acc, rows in zip(targets, stats.sums, stats.rows):
+        if acc is None or rows == 0:
+            skipped[target.tensor_name] = "received no tokens"
+            continue
+        sums[target.tensor_name] = acc.cpu()
+        counts[target.tensor_name] = rows
+        axes[target.tensor_name] = target.input_axis
+    LOG.info(
+        "measured %d tensors over %d tokens; skipped %d (%s)",
+        len(sums),
+        tokens,
+        len(skipped),
+        ", ".join(sorted(set(skipped.values()))) or "none",
+    )
+    return ImportanceMap(
+        sums, counts, axes, provenance={"skipped": skipped, "tokens": tokens}
+    )
+
+
+def _progress(total: Optional[int], enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        desc="AIM calibration",
+        unit="tok",
+        unit_scale=True,
+        disable=not enabled,
+    )
+
+
+def _resolve_dtype(dtype: str, device: str) -> Any:
+    if dtype in (None, "auto"):
+        # fp32 on CPU (fast and exact there); the checkpoint's dtype elsewhere.
+        return torch.float32 if device.startswith("cpu") else "auto"
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}[dtype]
+    except KeyError:
+        raise CalibrationError(
+            f"dtype must be auto, float32, bfloat16 or float16; got {dtype!r}"
+        ) from None
+
+
+def load_base_model(
+    path: str, *, device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False
+) -> nn.Module:
+    """Load a causal LM for calibration on ``device`` ("auto" = accelerate's map)."""
+    from transformers import AutoModelForCausalLM
+
+    device_map: Any = "auto" if device == "auto" else {"": device}
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=_resolve_dtype(dtype, device),
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+        )
+    except Exception as error:
+        raise CalibrationError(
+            f"could not load base model {path} as a causal LM for calibration: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+
+
+def calibrate(
+    model_or_path: Any,
+    *,
+    tokenizer: Any = None,
+    dataset: str = "pile-val",
+    split: Optional[str] = None,
+    text_column: Optional[str] = None,
+    num_samples: int = 256,
+    seq_len: int = 512,
+    seed: int = 42,
+    batch_size: int = 4,
+    device: Optional[str] = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    quiet: bool = False,
+    blocks: Any = None,
+) -> "ImportanceMap":  # noqa: F821
+    """Calibrate a base model (path, Hub id or loaded model) on a dataset.
+
+    Samples and packs the data the paper's way (see
+    :func:`mergekit_aim.calibration.data.build_blocks`), runs the model, and
+    returns an :class:`ImportanceMap` whose provenance names the base model,
+    its fingerprint, the settings and the data fingerprint. ``blocks`` may be
+    a prebuilt ``CalibrationBlocks`` (skips sampling).
+    """
+    from mergekit_aim.calibration.data import build_blocks
+    from mergekit_aim.checkpoint import read_checkpoint, resolve_local_path
+
+    device = device or "cpu"
+    if isinstance(model_or_path, (str, os.PathLike)):
+        base_id = str(model_or_path)
+        path = resolve_local_path(base_id)
+        checkpoint = read_checkpoint(path)
+        model = None
+    else:
+        model = model_or_path
+        base_id = getattr(model, "name_or_path", "") or type(model).__name__
+        path = base_id if os.path.isdir(base_id) else None
+        checkpoint = read_checkpoint(path) if path else None
+    if blocks is None:
+        if tokenizer is None:
+            if path is None:
+                raise CalibrationError(
+                    "pass tokenizer= (the model has no local directory to load "
+                    "one from)"
+                )
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(
+                path, trust_remote_code=trust_remote_code
+            )
+        blocks = build_blocks(
+            dataset,
+            tokenizer,
+            num_samples=num_samples,
+            seq_len=seq_len,
+            seed=seed,
+            split=split,
+            text_column=text_column,
+            trust_remote_code=trust_remote_code,
+        )
+    if model is None:
+        model = load_base_model(
+            path, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    importance = collect_importance(
+        model,
+        blocks.tokens,
+        batch_size,
+        checkpoint_names=None if checkpoint is None else set(checkpoint.tensors),
+        progress=not quiet,
+    )
+    from mergekit_aim import __version__
+
+    importance.provenance.update(
+        {
+            "base_model": base_id,
+            "base_fingerprint": None if checkpoint is None else checkpoint.fingerprint,
+            "calibration": {
+                "dataset": blocks.dataset,
+                "split": split,
+                "text_column": text_column,
+                "num_samples": num_samples,
+                "seq_len": int(blocks.tokens.shape[1]),
+                "seed": seed,
+                "dtype": dtype,
+                "num_blocks": int(blocks.tokens.shape[0]),
+                "num_texts": blocks.num_texts,
+            },
+            "data_fingerprint": blocks.fingerprint,
+            "data": blocks.description,
+            "mergekit_aim_version": __version__,
+        }
+    )
+    return importance

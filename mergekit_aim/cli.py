@@ -1,0 +1,192 @@
+"""``mergekit-aim``: calibrate, relax, merge with a YAML config, demo, inspect."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from mergekit_aim.errors import AimError
+
+LOG = logging.getLogger("mergekit_aim")
+
+
+def _setup_logging(quiet: bool, verbose: int = 0) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+class _AimGroup(click.Group):
+    """Turn the package's own errors into one clear line and exit status 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except AimError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_AimGroup)
+@click.version_option(package_name="mergekit-aim")
+def main() -> None:
+    """Activation-Informed Merging (AIM, arXiv 2502.02421) for mergekit."""
+
+
+def calibration_options(func):
+    """Options shared by `calibrate` and `relax` (when it calibrates)."""
+    options = [
+        click.option(
+            "--dataset",
+            default="pile-val",
+            show_default=True,
+            help="pile-val | builtin | local .txt/.jsonl/.parquet | HF dataset id",
+        ),
+        click.option("--split", default=None, help="dataset split"),
+        click.option("--text-column", default=None, help="column holding the text"),
+        click.option("--num-samples", default=256, show_default=True, type=int),
+        click.option("--seq-len", default=512, show_default=True, type=int),
+        click.option("--seed", default=42, show_default=True, type=int),
+        click.option("--batch-size", default=4, show_default=True, type=int),
+        click.option("--device", default="cpu", show_default=True),
+        click.option(
+            "--dtype",
+            default="auto",
+            show_default=True,
+            type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+        ),
+        click.option("--trust-remote-code", is_flag=True, default=False),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _calibrate(base: str, quiet: bool, **settings):
+    from mergekit_aim.calibration.collect import calibrate
+
+    return calibrate(base, quiet=quiet, **settings)
+
+
+@main.command()
+@click.argument("base")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@calibration_options
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar or log lines")
+@click.option("--verbose", "-v", count=True)
+def calibrate(base: str, output: str, quiet: bool, verbose: int, **settings) -> None:
+    """Measure BASE's input activations and write an importance artifact."""
+    _setup_logging(quiet, verbose)
+    importance = _calibrate(base, quiet, **settings)
+    path = importance.save(output)
+    if not quiet:
+        click.echo(f"wrote {path} ({len(importance)} tensors)")
+
+
+@main.command()
+@click.option("--base", "base", required=True, help="base model directory")
+@click.option("--merged", "merged", required=True, help="merged model directory")
+@click.option("--importance", default=None, help="artifact path or Hub repo")
+@click.option("--omega", default=0.4, show_default=True, type=float)
+@click.option("--exclude", multiple=True, help="regex of tensor names to leave alone")
+@calibration_options
+@click.option("--quiet", "-q", is_flag=True)
+@click.option("--verbose", "-v", count=True)
+@click.argument("out", type=click.Path(file_okay=False))
+def relax(
+    base: str,
+    merged: str,
+    importance: Optional[str],
+    omega: float,
+    exclude: tuple,
+    out: str,
+    quiet: bool,
+    verbose: int,
+    **settings,
+) -> None:
+    """Apply AIM to an already-merged checkpoint MERGED, writing OUT.
+
+    Without --importance, BASE is calibrated first (calibration options apply).
+    """
+    from mergekit_aim.config import omega_value
+    from mergekit_aim.errors import AimConfigError
+    from mergekit_aim.relax import load_importance, relax_checkpoint
+
+    _setup_logging(quiet, verbose)
+    try:
+        omega = omega_value(omega)
+    except ValueError as error:
+        raise AimConfigError(f"--omega: {error}") from None
+    if importance is not None:
+        imap = load_importance(importance)
+        source = importance
+    else:
+        imap = _calibrate(base, quiet, **settings)
+        source = f"calibrated on {settings['dataset']}"
+    report = relax_checkpoint(
+        base, merged, imap, omega, out, exclude=exclude, source=source
+    )
+    if not quiet:
+        click.echo(
+            f"wrote {out}: relaxed {report['relaxed']} of {report['tensors']} "
+            f"tensors at omega {omega:g}"
+        )
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.pass_context
+def yaml(ctx: click.Context) -> None:
+    """Run mergekit-yaml with the plugin explicitly active.
+
+    Usage: mergekit-aim yaml CONFIG OUT [mergekit-yaml options]
+    """
+    from mergekit_aim.plugin import activate
+
+    activate()
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    mergekit_yaml.main(args=list(ctx.args), prog_name="mergekit-aim yaml")
+
+
+@main.command()
+@click.option("--out", default="demo-out", show_default=True, type=click.Path())
+@click.option("--quick", is_flag=True, help="smaller models and fewer steps")
+@click.option("--seed", default=0, show_default=True, type=int)
+def demo(out: str, quick: bool, seed: int) -> None:
+    """Build tiny models, merge with TIES with and without AIM, compare (offline)."""
+    from mergekit_aim.demo import main as run_demo_cli
+
+    _setup_logging(False)
+    run_demo_cli(Path(out), quick=quick, seed=seed)
+
+
+@main.command()
+@click.argument("artifact")
+@click.option("--tensors", is_flag=True, help="list every tensor with its token count")
+def inspect(artifact: str, tensors: bool) -> None:
+    """Print an importance artifact's provenance and coverage as JSON."""
+    from mergekit_aim.relax import load_importance
+
+    imap = load_importance(artifact)
+    summary = imap.summary()
+    if tensors:
+        summary["tensor_list"] = {
+            name: {
+                "channels": imap[name].numel(),
+                "tokens": imap.count(name),
+                "input_axis": imap.input_axis(name),
+            }
+            for name in imap
+        }
+    click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The ``aim:`` block of a mergekit YAML config, as pydantic models.
+
+```yaml
+aim:
+  omega: 0.4                 # scalar, gradient list or filtered list
+  importance: path/or/org/repo[:file.safetensors]
+  # or, instead of importance:
+  calibration: {dataset: pile-val, num_samples: 256, seq_len: 512}
+  exclude: ["lm_head"]       # regular expressions on tensor names
+```
+
+Every model forbids unknown keys, so a typo is an error that names the key
+instead of a setting that silently does nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, List, Literal, Optional
+
+from mergekit.config import ConditionalParameter, ParameterSetting
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_OMEGA = 0.4
+PAPER_URL = "https://arxiv.org/abs/2502.02421"
+
+CalibrationDtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def omega_value(value: Any) -> float:
+    """Validate one scalar ω: a number in [0, 1] (YAML strings like "4e-1" too)."""
+    if isinstance(value, bool):
+        raise ValueError(f"omega must be a number in [0, 1], not a boolean ({value})")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"omega must be a number in [0, 1]; got {value!r}") from None
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(
+            f"omega must be within [0, 1] (1 = plain merge, 0 = the most used "
+            f"channel fully back to the base); got {number}"
+        )
+    return number
+
+
+def _check_omega_setting(setting: Any) -> None:
+    if isinstance(setting, ConditionalParameter):
+        _check_omega_setting(setting.value)
+    elif isinstance(setting, list):
+        if not setting:
+            raise ValueError("omega must not be an empty list")
+        for item in setting:
+            _check_omega_setting(item)
+    else:
+        omega_value(setting)
+
+
+class CalibrationConfig(BaseModel):
+    """How to measure the base model's input activations before merging."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(
+        "pile-val",
+        description="pile-val | builtin | a local .txt/.jsonl/.parquet | an HF id",
+    )
+    split: Optional[str] = None
+    text_column: Optional[str] = None
+    num_samples: int = Field(256, ge=1)
+    seq_len: int = Field(512, ge=1)
+    seed: int = 42
+    batch_size: int = Field(4, ge=1)
+    device: Optional[str] = None
+    dtype: CalibrationDtype = "auto"
+
+    def cache_settings(self) -> dict[str, Any]:
+        """Settings that change the statistic (device and batch size do not)."""
+        return {
+            "dataset": self.dataset,
+            "split": self.split,
+            "text_column": self.text_column,
+            "num_samples": self.num_samples,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "dtype": self.dtype,
+        }
+
+
+class AimConfig(BaseModel):
+    """The ``aim:`` block: ω, where the importance comes from, what to leave alone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    omega: ParameterSetting = DEFAULT_OMEGA
+    importance: Optional[str] = None
+    calibration: Optional[CalibrationConfig] = None
+    exclude: List[str] = Field(default_factory=list)
+
+    @field_validator("omega")
+    @classmethod
+    def _omega_in_range(cls, value: ParameterSetting) -> ParameterSetting:
+        _check_omega_setting(value)
+        return value
+
+    @field_validator("exclude")
+    @classmethod
+    def _exclude_compiles(cls, patterns: List[str]) -> List[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(
+                    f"exclude pattern {pattern!r} is not a valid regular "
+                    f"expression: {error}"
+                ) from None
+        return patterns
+
+    @field_validator("importance")
+    @classmethod
+    def _importance_not_blank(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.strip():
+            raise ValueError("importance must name a file or a Hub repository")
+        return value
+
+    @model_validator(mode="after")
+    def _one_importance_source(self) -> AimConfig:
+        if self.importance is not None and self.calibration is not None:
+            raise ValueError(
+                "give exactly one of aim.importance (a precomputed artifact) and "
+                "aim.calibration (compute it before merging), not both"
+            )
+        if self.importance is None and self.calibration is None:
+            raise ValueError(
+                "aim needs one of aim.importance (path or Hub repo of an "
+                "importance artifact, see `mergekit-aim calibrate`) or "
+                "aim.calibration (e.g. `calibration: {dataset: pile-val}`)"
+            )
+        return self
+
+    def excluded_by(self, *names: Optional[str]) -> Optional[str]:
+        """The first exclude pattern matching any of the names, if one does."""
+        for pattern in self.exclude:
+            if any(name and re.search(pattern, name) for name in names):
+                return pattern
+        return None

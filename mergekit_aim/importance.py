@@ -1,0 +1,333 @@
+"""ImportanceMap: the calibration artifact, and the only code that reads or writes it.
+
+File format (safetensors):
+
+* one 1-D float32 tensor per relaxable weight, keyed by that weight's checkpoint
+  tensor name, holding the **sum** of |input| per input channel over every
+  calibration token the module saw;
+* header metadata (all strings): ``format``, ``format_version``, ``statistic``,
+  ``counts`` (JSON: tensor name -> tokens summed), ``input_axes`` (JSON: tensor
+  name -> the weight axis the channels run along: -1 for Linear ``[out, in]``,
+  0 for GPT-2 Conv1D ``[in, out]`` and 1-D norm weights) and ``provenance``
+  (JSON: base model id and fingerprint, calibration settings, data fingerprint).
+
+Sums and counts (not means) make artifacts additive: runs, ranks and shards
+combine by adding, as llama.cpp's imatrix and llm-compressor's observers do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Dict, Iterator, Mapping, Optional
+
+import torch
+
+from mergekit_aim.errors import ImportanceError
+
+LOG = logging.getLogger(__name__)
+
+FORMAT = "mergekit-aim.importance"
+FORMAT_VERSION = 1
+STATISTIC = "sum_abs_input_per_channel"
+
+
+class ImportanceMap(Mapping[str, torch.Tensor]):
+    """Per-channel activation sums of a base model, keyed by checkpoint tensor name.
+
+    Maps name -> float32 sum vector. ``mean(name)`` divides by the token count.
+    Instances are immutable by convention; ``combine`` returns a new map.
+    """
+
+    def __init__(
+        self,
+        sums: Mapping[str, torch.Tensor],
+        counts: Mapping[str, int],
+        input_axes: Mapping[str, int],
+        provenance: Optional[Mapping[str, Any]] = None,
+    ):
+        missing = sorted(set(sums) ^ set(counts)) or sorted(set(sums) ^ set(input_axes))
+        if missing:
+            raise ImportanceError(
+                f"sums, counts and input axes must name the same tensors; "
+                f"mismatched: {missing[:5]}"
+            )
+        self._sums = {
+            name: t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+            for name, t in sums.items()
+        }
+        self._counts = {name: int(c) for name, c in counts.items()}
+        self._axes = {name: int(a) for name, a in input_axes.items()}
+        self.provenance: Dict[str, Any] = dict(provenance or {})
+        for name, vector in self._sums.items():
+            if vector.ndim != 1:
+                raise ImportanceError(
+                    f"importance for {name} must be 1-D; got shape "
+                    f"{tuple(vector.shape)}"
+                )
+
+    # Mapping protocol: name -> sum vector
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._sums[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sums)
+
+    def __len__(self) -> int:
+        return len(self._sums)
+
+    def __repr__(self) -> str:
+        base = self.provenance.get("base_model", "?")
+        return f"ImportanceMap({len(self)} tensors, base={base!r})"
+
+    def count(self, name: str) -> int:
+        return self._counts[name]
+
+    def input_axis(self, name: str) -> int:
+        return self._axes[name]
+
+    def mean(self, name: str) -> torch.Tensor:
+        """Per-token mean |input| per channel (the paper's statistic)."""
+        return self._sums[name] / max(self._counts[name], 1)
+
+    @property
+    def base_fingerprint(self) -> Optional[str]:
+        return self.provenance.get("base_fingerprint")
+
+    def combine(self, other: ImportanceMap) -> ImportanceMap:
+        """Add two artifacts of the same base model (runs, ranks, shards)."""
+        if set(self) != set(other):
+            diff = sorted(set(self) ^ set(other))
+            raise ImportanceError(f"cannot combine: tensors differ, e.g. {diff[:5]}")
+        if self.base_fingerprint != other.base_fingerprint:
+            raise ImportanceError("cannot combine artifacts of different base models")
+        for name in self:
+            if self._axes[name] != other._axes[name]:
+                raise ImportanceError(f"cannot combine: input axis differs for {name}")
+            if self._sums[name].shape != other._sums[name].shape:
+                raise ImportanceError(f"cannot combine: length differs for {name}")
+        provenance = dict(self.provenance)
+        provenance["combined"] = int(provenance.get("combined", 1)) + int(
+            other.provenance.get("combined", 1)
+        )
+        return ImportanceMap(
+            {n: self._sums[n] + other._sums[n] for n in self},
+            {n: self._counts[n] + other._counts[n] for n in self},
+            self._axes,
+            provenance,
+        )
+
+    # --- file format -------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: a reader sees the old file or the whole new one."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "statistic": STATISTIC,
+            "counts": json.dumps(self._counts, sort_keys=True),
+            "input_axes": json.dumps(self._axes, sort_keys=True),
+            "provenance": json.dumps(self.provenance, sort_keys=True, default=str),
+        }
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(dict(self._sums), tmp, metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ImportanceMap:
+        """Read and validate an artifact; every defect names the file and tensor."""
+        from safetensors import safe_open
+
+        path = str(path)
+        if not os.path.isfile(path):
+            raise ImportanceError(f"importance file not found: {path}")
+        try:
+            with safe_open(path, framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                sums = {name: handle.get_tensor(name) for name in handle.keys()}
+        except Exception as error:
+            raise ImportanceError(
+                f"{path} is not a readable safetensors importance file "
+                f"(corrupt or truncated?): {error}"
+            ) from None
+        if metadata.get("format") != FORMAT:
+            raise ImportanceError(
+                f"{path} is not a mergekit-aim importance file (metadata format is "
+                f"{metadata.get('format')!r}, expected {FORMAT!r})"
+            )
+        version = metadata.get("format_version")
+        if version != str(FORMAT_VERSION):
+            raise ImportanceError(
+                f"{path} has format version {version}; this mergekit-aim reads "
+                f"version {FORMAT_VERSION}"
+            )
+        try:
+            counts = json.loads(metadata["counts"])
+            axes = json.loads(metadata["input_axes"])
+            provenance = json.loads(metadata.get("provenance", "{}"))
+        except (KeyError, json.JSONDecodeError) as error:
+            raise ImportanceError(f"{path} has corrupt metadata: {error}") from None
+        for name, vector in sums.items():
+            if vector.dtype != torch.float32 or vector.ndim != 1:
+                raise ImportanceError(
+                    f"{path}: tensor {name} must be 1-D float32; got "
+                    f"{vector.dtype} {tuple(vector.shape)}"
+                )
+            if not bool(torch.isfinite(vector).all()) or bool((vector < 0).any()):
+                raise ImportanceError(
+                    f"{path}: tensor {name} holds negative or non-finite sums"
+                )
+            if name not in counts or name not in axes:
+                raise ImportanceError(f"{path}: no token count or axis for {name}")
+            if int(counts[name]) <= 0:
+                raise ImportanceError(f"{path}: token count of {name} is not positive")
+        provenance.setdefault("file", os.path.abspath(path))
+        provenance["file_sha256"] = _sha256(path)
+        return cls(sums, counts, axes, provenance)
+
+    # --- checks against a base checkpoint -----------------------------------
+
+    def check_against(self, checkpoint, *, source: str = "importance") -> None:
+        """Refuse an artifact that does not belong to ``checkpoint``.
+
+        ``checkpoint`` is a :class:`mergekit_aim.checkpoint.CheckpointIndex`.
+        """
+        where = self.provenance.get("file", source)
+        for name, vector in self._sums.items():
+            shape = checkpoint.shape(name)
+            if shape is None:
+                raise ImportanceError(
+                    f"{where} has a statistic for tensor {name}, which the base "
+                    f"model {checkpoint.path} does not have: the artifact was made "
+                    f"for another model"
+                )
+            axis = self._axes[name]
+            if not shape or not -len(shape) <= axis < len(shape):
+                raise ImportanceError(
+                    f"{where}: input axis {axis} is invalid for tensor {name} of "
+                    f"shape {shape}"
+                )
+            if shape[axis] != vector.numel():
+                raise ImportanceError(
+                    f"{where}: tensor {name} has {vector.numel()} channels, but "
+                    f"the base model's {name} has shape {shape} "
+                    f"({shape[axis]} along axis {axis}): artifact for another model"
+                )
+        skipped = set(self.provenance.get("skipped", {}))
+        _check_layer_coverage(set(self._sums), skipped, checkpoint, where)
+        expected = self.base_fingerprint
+        if expected and expected != checkpoint.fingerprint:
+            raise ImportanceError(
+                f"{where} was computed for a base model with fingerprint "
+                f"{expected[:16]}…, but {checkpoint.path} has fingerprint "
+                f"{checkpoint.fingerprint[:16]}…: recalibrate on this base model"
+            )
+
+    def summary(self) -> Dict[str, Any]:
+        """JSON-friendly description for logs, cards and `mergekit-aim inspect`."""
+        tokens = sorted(set(self._counts.values()))
+        return {
+            "tensors": len(self),
+            "tokens": tokens[0] if len(tokens) == 1 else tokens,
+            "provenance": self.provenance,
+        }
+
+
+def _check_layer_coverage(names: set, skipped: set, checkpoint, where: str) -> None:
+    """A base tensor whose layer-less name the artifact covers must be covered.
+
+    Catches artifacts of a shallower model of the same family, whose names are
+    all valid in the base but which lack the deeper layers. Tensors calibration
+    saw but could not measure (listed in provenance["skipped"], e.g. an MoE
+    expert no token was routed to) are exempt.
+    """
+    patterns = {_layerless(name) for name in names}
+    for name in checkpoint.tensors:
+        if (
+            name not in names
+            and name not in skipped
+            and _layerless(name) in patterns
+        ):
+            raise ImportanceError(
+                f"{where} has no statistic for base tensor {name}, although it "
+                f"covers the same weight in other layers: the artifact was made "
+                f"for another model"
+            )
+
+
+_DIGITS = re.compile(r"\.\d+\.")
+
+
+def _layerless(name: str) -> str:
+    return _DIGITS.sub(".#.", name)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+_LOADED: Dict[tuple, ImportanceMap] = {}
+_LOADED_LOCK = threading.Lock()
+
+
+def load_cached(path: str) -> ImportanceMap:
+    """Load once per process (per path and modification time).
+
+    Merge workers look the same artifact up for every tensor; reading it once
+    keeps AIM's per-tensor cost at one elementwise pass.
+    """
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+    with _LOADED_LOCK:
+        found = _LOADED.get(key)
+        if found is None:
+            found = ImportanceMap.load(path)
+            _LOADED[key] = found
+        return found
+
+
+def resolve_artifact(spec: str, *, cache_dir: Optional[str] = None) -> str:
+    """A local path for ``path``, ``org/repo`` or ``org/repo:file.safetensors``."""
+    if os.path.exists(spec):
+        return spec
+    repo, _, filename = spec.partition(":")
+    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo):
+        raise ImportanceError(
+            f"aim.importance {spec!r}: no such file, and not a Hub repository id "
+            f"(expected a path, org/repo or org/repo:file.safetensors)"
+        )
+    filename = filename or DEFAULT_HUB_FILENAME
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo, filename, cache_dir=cache_dir)
+    except Exception as error:  # offline, missing repo or file, network
+        raise ImportanceError(
+            f"aim.importance {spec!r}: could not get {filename} from the Hub "
+            f"repository {repo} ({type(error).__name__}: {error}). Give a local "
+            f"path, or publish the artifact as {repo}/{filename}"
+        ) from None
+
+
+DEFAULT_HUB_FILENAME = "aim_importance.safetensors"

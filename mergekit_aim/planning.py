@@ -1,0 +1,215 @@
+"""AIM's part of planning one mergekit merge: artifact, routing, coverage.
+
+An :class:`AimMergeSession` lives for one ``MergePlanner._plan`` call. It gets
+the importance artifact before any tensor task exists (so a bad artifact fails
+before anything is loaded or written), decides for every planned tensor whether
+and with which ω it is relaxed, routes those tasks to the AIM wrapper method,
+and summarises what it did in a coverage report.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from mergekit.common import ImmutableMap
+from mergekit.config import evaluate_setting
+
+from mergekit_aim.checkpoint import CheckpointIndex, read_checkpoint
+from mergekit_aim.config import PAPER_URL, AimConfig, omega_value
+from mergekit_aim.errors import AimConfigError
+from mergekit_aim.importance import ImportanceMap, load_cached, resolve_artifact
+from mergekit_aim.method import aim_method
+
+LOG = logging.getLogger(__name__)
+
+RELAXED = "relaxed"
+NO_STATISTIC = "no input statistic"
+EXCLUDED = "excluded by aim.exclude"
+OMEGA_ONE = "omega = 1 (plain merge)"
+NO_OMEGA = "no aim.omega filter matched"
+
+
+@dataclass
+class Coverage:
+    """Which output tensors were relaxed, which were left alone and why."""
+
+    decisions: Dict[str, List[str]] = field(default_factory=lambda: defaultdict(list))
+    omegas: List[float] = field(default_factory=list)
+
+    def add(self, reason: str, tensor: str, omega: Optional[float] = None) -> None:
+        self.decisions[reason].append(tensor)
+        if omega is not None:
+            self.omegas.append(omega)
+
+    def summary(self) -> Dict[str, Any]:
+        counts = {reason: len(names) for reason, names in self.decisions.items()}
+        total = sum(counts.values())
+        result: Dict[str, Any] = {
+            "tensors": total,
+            "relaxed": counts.get(RELAXED, 0),
+            "left_alone": {k: v for k, v in counts.items() if k != RELAXED},
+        }
+        if self.omegas:
+            result["omega_min"] = min(self.omegas)
+            result["omega_max"] = max(self.omegas)
+        return result
+
+
+class AimMergeSession:
+    def __init__(
+        self,
+        aim: AimConfig,
+        method_name: str,
+        base_model: Any,
+        checkpoint: CheckpointIndex,
+        artifact_path: str,
+        importance: ImportanceMap,
+        source: str,
+    ):
+        self.aim = aim
+        self.method_name = method_name
+        self.base_model = base_model
+        self.checkpoint = checkpoint
+        self.artifact_path = artifact_path
+        self.importance = importance
+        self.source = source
+        self.coverage = Coverage()
+
+    @classmethod
+    def prepare(cls, config: Any, options: Any) -> AimMergeSession:
+        """Resolve and check everything AIM needs; raise before any tensor work."""
+        aim: AimConfig = config.aim
+        wrapper = aim_method(config.merge_method)
+        base_path = (
+            config.base_model.merged(
+                cache_dir=options.lora_merge_cache,
+                trust_remote_code=options.trust_remote_code,
+                lora_merge_dtype=options.lora_merge_dtype,
+            ).local_path(cache_dir=options.transformers_cache)
+        )
+        checkpoint = read_checkpoint(base_path)
+        if aim.importance is not None:
+            path = resolve_artifact(aim.importance, cache_dir=options.transformers_cache)
+            importance = load_cached(path)
+            source = f"precomputed: {aim.importance}"
+        else:
+            from mergekit_aim.cache import calibrated_artifact
+
+            path, importance = calibrated_artifact(
+                base_path,
+                checkpoint,
+                aim.calibration,
+                device=aim.calibration.device
+                or options.device
+                or ("cuda" if options.cuda else "cpu"),
+                trust_remote_code=options.trust_remote_code,
+                quiet=options.quiet,
+                base_model_id=str(config.base_model),
+            )
+            source = f"calibrated on {aim.calibration.dataset} (cached at {path})"
+        importance.check_against(checkpoint, source=path)
+        LOG.info(
+            "AIM: %s with %s (%d statistics, artifact %s)",
+            config.merge_method,
+            wrapper.spec.name,
+            len(importance),
+            path,
+        )
+        return cls(
+            aim,
+            wrapper.spec.name,
+            config.base_model,
+            checkpoint,
+            path,
+            importance,
+            source,
+        )
+
+    def route(self, task: Any, weight: Any, weights_in, models, cfg_reader) -> Any:
+        """Return ``task`` unchanged, or re-targeted at the AIM wrapper."""
+        base = cfg_reader.base_model
+        if base != self.base_model:
+            raise AimConfigError(
+                f"tensor {weight.name}: its slice uses base_model {base}, but aim: "
+                f"measured {self.base_model}; AIM needs one base model"
+            )
+        if base not in models:
+            raise AimConfigError(
+                f"tensor {weight.name}: the base model {base} is not among this "
+                f"slice's sources, so AIM has no base weights to relax toward; add "
+                f"it to the slice's sources"
+            )
+        base_weight = weights_in[models.index(base)]
+        key = self._statistic_key(base_weight)
+        excluded = self.aim.excluded_by(weight.name, key)
+        if excluded is not None:
+            self.coverage.add(EXCLUDED, weight.name)
+            return task
+        if key is None:
+            self.coverage.add(NO_STATISTIC, weight.name)
+            return task
+        omega = evaluate_setting(
+            weight.name, self.aim.omega, cfg_reader.t, validate=omega_value
+        )
+        if omega is None:
+            self.coverage.add(NO_OMEGA, weight.name)
+            return task
+        if omega >= 1.0:
+            self.coverage.add(OMEGA_ONE, weight.name)
+            return task
+        self.coverage.add(RELAXED, weight.name, omega)
+        parameters = dict(task.parameters.items())
+        parameters.update(
+            omega=float(omega), importance=self.artifact_path, importance_key=key
+        )
+        return task.model_copy(
+            update={
+                "method_name": self.method_name,
+                "parameters": ImmutableMap(data=parameters),
+            }
+        )
+
+    def _statistic_key(self, base_weight: Any) -> Optional[str]:
+        # The statistic belongs to the base's own tensor (a moved layer in
+        # slices: looks up the layer it came from), under whichever of the
+        # weight's names the base checkpoint actually uses.
+        for name in (base_weight.name, *(base_weight.aliases or ())):
+            if name in self.checkpoint:
+                return name if name in self.importance else None
+        return None
+
+    def finish(self) -> Dict[str, Any]:
+        """Log the coverage report and return what the model card shows."""
+        summary = self.coverage.summary()
+        left = ", ".join(f"{n} {reason}" for reason, n in summary["left_alone"].items())
+        LOG.info(
+            "AIM coverage: relaxed %d of %d tensors%s; left alone: %s",
+            summary["relaxed"],
+            summary["tensors"],
+            _omega_text(summary),
+            left or "none",
+        )
+        for reason, names in self.coverage.decisions.items():
+            LOG.debug("AIM %s: %s", reason, ", ".join(names))
+        if summary["relaxed"] == 0:
+            LOG.warning(
+                "AIM relaxed no tensor: check aim.omega, aim.exclude and that the "
+                "artifact belongs to this base model"
+            )
+        return {
+            "coverage": summary,
+            "artifact": self.artifact_path,
+            "source": self.source,
+            "provenance": self.importance.provenance,
+            "paper": PAPER_URL,
+        }
+
+
+def _omega_text(summary: Dict[str, Any]) -> str:
+    if "omega_min" not in summary:
+        return ""
+    lo, hi = summary["omega_min"], summary["omega_max"]
+    return f" (ω {lo:g})" if lo == hi else f" (ω {lo:g}–{hi:g})"
