@@ -11,7 +11,6 @@ Stdlib only, and cheap: it must not import torch, mergekit or pydantic.
 Set ``MERGEKIT_AIM_DISABLE=1`` to turn the hook off.
 """
 
-import importlib.abc
 import os
 import sys
 
@@ -19,8 +18,12 @@ import sys
 WATCHED = ("mergekit.config", "mergekit.card", "mergekit.plan")
 
 
-class _PostImportFinder(importlib.abc.MetaPathFinder):
-    """Wraps the loader of watched modules so the plugin runs after them."""
+class _PostImportFinder:
+    """Meta-path finder wrapping the loader of watched modules.
+
+    Duck-typed rather than an importlib.abc subclass: importing importlib.abc
+    alone costs ~20 ms at start-up.
+    """
 
     def find_spec(self, fullname, path, target=None):
         if fullname not in WATCHED:
@@ -40,7 +43,7 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
-class _NotifyingLoader(importlib.abc.Loader):
+class _NotifyingLoader:
     def __init__(self, inner):
         self._inner = inner
 

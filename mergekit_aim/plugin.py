@@ -63,17 +63,26 @@ def is_active() -> bool:
 
 
 def _extend_config(module: ModuleType) -> None:
-    from pydantic import PrivateAttr, model_validator
-
-    from mergekit_aim.config import AimConfig
+    from pydantic import PrivateAttr, field_validator, model_validator
 
     original = module.MergeConfiguration
 
     class MergeConfiguration(original):
         __doc__ = original.__doc__
-        aim: Optional[AimConfig] = None
+        # Typed by the validator below: mergekit_aim.config itself imports
+        # mergekit.config, so AimConfig may not exist yet when this class does.
+        aim: Optional[Any] = None
         # Filled while planning; read by the model card.
         _aim_report: Optional[dict] = PrivateAttr(default=None)
+
+        @field_validator("aim", mode="before")
+        @classmethod
+        def _parse_aim(cls, value: Any):
+            from mergekit_aim.config import AimConfig
+
+            if value is None or isinstance(value, AimConfig):
+                return value
+            return AimConfig.model_validate(value)
 
         @model_validator(mode="after")
         def _aim_needs_base(self):
