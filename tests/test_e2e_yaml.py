@@ -1,0 +1,200 @@
+"""The product as users run it: `mergekit-yaml` on YAML files with an `aim:` block.
+
+Each test compares the AIM merge with the plain merge of the same config:
+relaxed tensors must equal the DESIGN §1 formula applied to the plain output,
+everything else must be identical.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from mergekit_aim.importance import ImportanceMap
+
+pytestmark = pytest.mark.slow
+
+MERGEKIT_YAML = str(Path(sys.executable).with_name("mergekit-yaml"))
+
+
+def reference(base, merged, statistic, omega, axis):
+    s = statistic.double() / statistic.double().max()
+    factor = 1 - s * (1 - omega)
+    if base.ndim > 1:
+        shape = [1] * base.ndim
+        shape[axis] = -1
+        factor = factor.reshape(shape)
+    b, m = base.double(), merged.double()
+    return (b + (m - b) * factor).to(merged.dtype)
+
+
+def load_dir(path):
+    tensors = {}
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            for name in handle.keys():
+                tensors[name] = handle.get_tensor(name)
+    return tensors
+
+
+def run_yaml(config, out, *extra, check=True):
+    result = subprocess.run(
+        [MERGEKIT_YAML, str(config), str(out), "--random-seed", "1", *extra],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"mergekit-yaml failed:\n{result.stderr[-4000:]}")
+    return result
+
+
+def write_config(path, family, method="ties", aim=None, **extra):
+    config = {
+        "merge_method": method,
+        "base_model": str(family.base),
+        "models": [
+            {"model": str(m), "parameters": {"weight": 1.0, "density": 0.6}}
+            for m in family.finetunes
+        ],
+        "dtype": "float32",
+        **extra,
+    }
+    if aim is not None:
+        config["aim"] = aim
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def calibration_text(tmp_path_factory, tiny_text):
+    path = tmp_path_factory.mktemp("data") / "calibration.txt"
+    path.write_text("\n\n".join(tiny_text))
+    return path
+
+
+def artifact_for(family, calibration_text, directory):
+    from mergekit_aim import calibrate
+
+    imap = calibrate(
+        str(family.base),
+        dataset=str(calibration_text),
+        num_samples=64,
+        seq_len=32,
+        batch_size=4,
+        quiet=True,
+    )
+    return imap.save(directory / f"{family.family}-importance.safetensors")
+
+
+def assert_aim_matches_formula(family, plain_dir, aim_dir, artifact, omega):
+    base = load_dir(family.base)
+    plain = load_dir(plain_dir)
+    relaxed = load_dir(aim_dir)
+    imap = ImportanceMap.load(artifact)
+    assert set(plain) == set(relaxed)
+    changed = 0
+    for name, merged in plain.items():
+        if name in imap:
+            expected = reference(
+                base[name], merged, imap[name], omega, imap.input_axis(name)
+            )
+            torch.testing.assert_close(relaxed[name], expected, rtol=1e-5, atol=1e-6)
+            changed += int(not torch.equal(relaxed[name], merged))
+        else:
+            torch.testing.assert_close(relaxed[name], merged, rtol=0, atol=0)
+    assert changed > 0
+    return imap
+
+
+@pytest.mark.parametrize("family_name", ["llama", "qwen2", "gpt2"])
+def test_mergekit_yaml_honours_aim_block(
+    family_name, tiny_family, calibration_text, tmp_path
+):
+    family = tiny_family(family_name)
+    artifact = artifact_for(family, calibration_text, tmp_path)
+    plain_cfg = write_config(tmp_path / "plain.yml", family)
+    aim_cfg = write_config(
+        tmp_path / "aim.yml", family, aim={"omega": 0.4, "importance": str(artifact)}
+    )
+    run_yaml(plain_cfg, tmp_path / "plain")
+    result = run_yaml(aim_cfg, tmp_path / "aim")
+    imap = assert_aim_matches_formula(
+        family, tmp_path / "plain", tmp_path / "aim", artifact, 0.4
+    )
+    assert "AIM coverage: relaxed" in result.stderr
+    card = (tmp_path / "aim" / "README.md").read_text()
+    assert "- aim" in card and "2502.02421" in card and "0.4" in card
+    # Layout facts per family: what has a statistic, on which axis.
+    names = set(imap)
+    assert not any("embed" in n or n.endswith(".bias") for n in names)
+    if family_name == "gpt2":
+        conv = [n for n in names if n.endswith("attn.c_attn.weight")]
+        assert conv and all(imap.input_axis(n) == 0 for n in conv)
+        assert "lm_head.weight" not in names  # tied to wte
+    if family_name == "qwen2":
+        assert "lm_head.weight" not in names  # tied embeddings
+        assert any("q_proj" in n for n in names)
+    if family_name == "llama":
+        assert "lm_head.weight" in names and imap.input_axis("lm_head.weight") == -1
+        assert any(n.endswith("input_layernorm.weight") for n in names)
+
+
+def test_calibration_block_computes_once_then_hits_cache(
+    tiny_family, calibration_text, tmp_path
+):
+    family = tiny_family("llama")
+    cache = tmp_path / "cache"
+    aim = {
+        "omega": 0.3,
+        "calibration": {
+            "dataset": str(calibration_text),
+            "num_samples": 48,
+            "seq_len": 32,
+            "batch_size": 4,
+        },
+    }
+    config = write_config(tmp_path / "aim.yml", family, aim=aim)
+    env_cache = {"MERGEKIT_AIM_CACHE": str(cache)}
+    os.environ.update(env_cache)
+    first = run_yaml(config, tmp_path / "first")
+    entries = list(cache.glob("*.safetensors"))
+    assert len(entries) == 1
+    assert "calibrating" in first.stderr
+    second = run_yaml(config, tmp_path / "second")
+    assert "using cached importance" in second.stderr
+    assert list(cache.glob("*.safetensors")) == entries
+    for name, tensor in load_dir(tmp_path / "first").items():
+        torch.testing.assert_close(load_dir(tmp_path / "second")[name], tensor)
+    # A corrupt entry is detected and recomputed.
+    entries[0].write_bytes(entries[0].read_bytes()[:100])
+    third = run_yaml(config, tmp_path / "third")
+    assert "discarding unusable cache entry" in third.stderr
+    assert ImportanceMap.load(entries[0])  # rewritten whole
+
+
+def test_bad_inputs_fail_before_writing(tiny_family, calibration_text, tmp_path):
+    llama = tiny_family("llama")
+    gpt2 = tiny_family("gpt2")
+    foreign = artifact_for(gpt2, calibration_text, tmp_path)
+    cases = {
+        "foreign": ({"importance": str(foreign)}, "another model"),
+        "missing": ({"importance": str(tmp_path / "nope.safetensors")}, "nope"),
+        "omega": ({"importance": str(foreign), "omega": 2}, "within [0, 1]"),
+        "unknown": ({"importance": str(foreign), "omgea": 0.3}, "omgea"),
+    }
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 64)
+    cases["corrupt"] = ({"importance": str(corrupt)}, "corrupt")
+    for label, (aim, message) in cases.items():
+        config = write_config(tmp_path / f"{label}.yml", llama, aim=aim)
+        out = tmp_path / f"out-{label}"
+        result = run_yaml(config, out, check=False)
+        assert result.returncode != 0, label
+        assert message in result.stderr, (label, result.stderr[-2000:])
+        assert not any(out.glob("*.safetensors")), label
