@@ -198,3 +198,76 @@ def test_bad_inputs_fail_before_writing(tiny_family, calibration_text, tmp_path)
         assert result.returncode != 0, label
         assert message in result.stderr, (label, result.stderr[-2000:])
         assert not any(out.glob("*.safetensors")), label
+
+
+def test_slices_use_the_base_layer_statistic(tiny_family, calibration_text, tmp_path):
+    # Output layer 0 is built from layer 1 of every input: its statistic must be
+    # the base's layer-1 statistic, not layer 0's.
+    family = tiny_family("llama")
+    artifact = artifact_for(family, calibration_text, tmp_path)
+    sources = [str(family.base), *map(str, family.finetunes)]
+
+    def config(path, aim=None):
+        data = {
+            "merge_method": "task_arithmetic",
+            "base_model": str(family.base),
+            "slices": [
+                {
+                    "sources": [
+                        {
+                            "model": model,
+                            "layer_range": [1, 2],
+                            "parameters": {"weight": 0.5},
+                        }
+                        for model in sources
+                    ]
+                }
+            ],
+            "dtype": "float32",
+        }
+        if aim:
+            data["aim"] = aim
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    run_yaml(config(tmp_path / "plain.yml"), tmp_path / "plain")
+    run_yaml(
+        config(tmp_path / "aim.yml", {"omega": 0.0, "importance": str(artifact)}),
+        tmp_path / "aim",
+    )
+    base, plain, relaxed = (
+        load_dir(family.base),
+        load_dir(tmp_path / "plain"),
+        load_dir(tmp_path / "aim"),
+    )
+    imap = ImportanceMap.load(artifact)
+    name = "model.layers.0.mlp.down_proj.weight"
+    source = "model.layers.1.mlp.down_proj.weight"
+    expected = reference(base[source], plain[name], imap[source], 0.0, -1)
+    torch.testing.assert_close(relaxed[name], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(
+        relaxed[name], reference(base[source], plain[name], imap[name], 0.0, -1)
+    )
+
+
+def test_slice_without_base_source_is_refused(tiny_family, calibration_text, tmp_path):
+    family = tiny_family("llama")
+    artifact = artifact_for(family, calibration_text, tmp_path)
+    data = {
+        "merge_method": "linear",
+        "base_model": str(family.base),
+        "slices": [
+            {
+                "sources": [
+                    {"model": str(m), "layer_range": [0, 2], "parameters": {"weight": 1}}
+                    for m in family.finetunes
+                ]
+            }
+        ],
+        "aim": {"importance": str(artifact)},
+    }
+    config = tmp_path / "c.yml"
+    config.write_text(yaml.safe_dump(data))
+    result = run_yaml(config, tmp_path / "out", check=False)
+    assert result.returncode != 0
+    assert "not among this slice's sources" in result.stderr
