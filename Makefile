@@ -25,9 +25,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q
 
+# mergekit's own test suite (from its sdist) with this plugin installed: the
+# plugin must not change mergekit's behaviour for configs without `aim:`.
+# The sdist lacks tests/common.py, so the modules that import it are left out.
+MERGEKIT_SDIST_DIR ?= .mergekit-sdist
+mergekit-tests: $(STAMP)
+	rm -rf $(MERGEKIT_SDIST_DIR) && mkdir -p $(MERGEKIT_SDIST_DIR)
+	$(PY) -m pip download -q --no-deps --no-binary :all: \
+		"mergekit==$$($(PY) -c 'import importlib.metadata as m; print(m.version("mergekit"))')" \
+		-d $(MERGEKIT_SDIST_DIR)
+	cd $(MERGEKIT_SDIST_DIR) && tar xzf mergekit-*.tar.gz && cd mergekit-*/ && \
+		HF_HUB_OFFLINE=1 ../../$(PY) -m pytest -q -p no:cacheprovider \
+		$$(grep -L "tests.common\|tests.test_tokenizer" tests/test_*.py)
+
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff
 	$(PY) -m ruff check mergekit_aim tests benchmarks
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist *.egg-info $(MERGEKIT_SDIST_DIR)

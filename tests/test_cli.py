@@ -1,0 +1,193 @@
+"""`mergekit-aim calibrate`, `inspect` and `relax`, run as subprocesses."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from mergekit_aim.importance import ImportanceMap
+
+pytestmark = pytest.mark.slow
+
+CLI = str(Path(sys.executable).with_name("mergekit-aim"))
+
+
+def run(*args, check=True):
+    result = subprocess.run(
+        [CLI, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(result.stderr[-4000:])
+    return result
+
+
+def load_dir(path):
+    tensors = {}
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            for name in handle.keys():
+                tensors[name] = handle.get_tensor(name)
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory, tiny_text):
+    path = tmp_path_factory.mktemp("cli-data") / "calibration.txt"
+    path.write_text("\n\n".join(tiny_text))
+    return path
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_family, text_file, tmp_path_factory):
+    family = tiny_family("llama")
+    out = tmp_path_factory.mktemp("cli-artifact") / "imp.safetensors"
+    run(
+        "calibrate",
+        family.base,
+        "-o",
+        out,
+        "--dataset",
+        text_file,
+        "--num-samples",
+        48,
+        "--seq-len",
+        32,
+        "--batch-size",
+        4,
+        "--quiet",
+    )
+    return out
+
+
+def test_calibrate_writes_an_artifact_with_provenance(artifact, tiny_family):
+    imap = ImportanceMap.load(artifact)
+    family = tiny_family("llama")
+    assert imap.provenance["base_model"] == str(family.base)
+    assert imap.provenance["calibration"]["seq_len"] == 32
+    assert len(imap.provenance["data_fingerprint"]) == 64
+    assert len(imap.base_fingerprint) == 64
+    assert "lm_head.weight" in imap
+
+
+def test_inspect_prints_json(artifact):
+    summary = json.loads(run("inspect", artifact, "--tensors").stdout)
+    assert summary["tensors"] == len(summary["tensor_list"])
+    assert summary["provenance"]["calibration"]["num_samples"] == 48
+
+
+def test_relax_equals_apply_aim(artifact, tiny_family, tmp_path):
+    from mergekit_aim import apply_aim
+
+    family = tiny_family("llama")
+    merged = family.finetunes[0]
+    out = tmp_path / "relaxed"
+    result = run(
+        "relax",
+        "--base",
+        family.base,
+        "--merged",
+        merged,
+        "--importance",
+        artifact,
+        "--omega",
+        0.3,
+        out,
+    )
+    assert "relaxed" in result.stdout
+    expected = apply_aim(
+        load_dir(family.base), load_dir(merged), ImportanceMap.load(artifact), 0.3
+    )
+    got = load_dir(out)
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor)
+    assert (out / "config.json").exists()
+    assert any(out.glob("tokenizer*"))
+    assert "Activation-Informed Merging" in (out / "README.md").read_text()
+
+
+def test_relax_refuses_shape_mismatch_before_writing(artifact, tiny_family, tmp_path):
+    llama = tiny_family("llama")
+    gpt2 = tiny_family("gpt2")
+    out = tmp_path / "never"
+    result = run(
+        "relax",
+        "--base",
+        llama.base,
+        "--merged",
+        gpt2.base,
+        "--importance",
+        artifact,
+        out,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "error:" in result.stderr
+    assert not out.exists()
+
+
+def test_relax_refuses_bad_omega(artifact, tiny_family, tmp_path):
+    family = tiny_family("llama")
+    result = run(
+        "relax",
+        "--base",
+        family.base,
+        "--merged",
+        family.finetunes[0],
+        "--importance",
+        artifact,
+        "--omega",
+        1.5,
+        tmp_path / "x",
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--omega" in result.stderr
+
+
+def test_unreachable_hub_dataset_is_an_error(tiny_family, tmp_path):
+    family = tiny_family("llama")
+    result = run(
+        "calibrate",
+        family.base,
+        "-o",
+        tmp_path / "x.safetensors",
+        "--dataset",
+        "pile-val",
+        "--quiet",
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "builtin" in result.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_yaml_subcommand_runs_mergekit(artifact, tiny_family, tmp_path):
+    import yaml
+
+    family = tiny_family("llama")
+    config = tmp_path / "c.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": str(family.base),
+                "models": [
+                    {"model": str(m), "parameters": {"weight": 0.5}}
+                    for m in family.finetunes
+                ],
+                "aim": {"omega": 0.4, "importance": str(artifact)},
+            }
+        )
+    )
+    result = run("yaml", config, tmp_path / "out")
+    assert "AIM coverage" in result.stderr
+    assert "- aim" in (tmp_path / "out" / "README.md").read_text()
