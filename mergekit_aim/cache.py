@@ -115,6 +115,8 @@ def calibrated_artifact(
         dtype=settings.dtype,
         trust_remote_code=trust_remote_code,
         quiet=quiet,
+        max_memory=settings.max_memory,
+        offload_dir=settings.offload_dir,
     )
     if base_model_id:
         importance.provenance["base_model"] = base_model_id

@@ -60,6 +60,18 @@ def calibration_options(func):
             type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
         ),
         click.option("--trust-remote-code", is_flag=True, default=False),
+        click.option(
+            "--max-memory",
+            default=None,
+            help="cap on weight memory per device and CPU (e.g. 8GiB); the rest is "
+            "offloaded to disk",
+        ),
+        click.option(
+            "--offload-dir",
+            default=None,
+            type=click.Path(file_okay=False),
+            help="where offloaded weights go (default: a temporary directory)",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -80,8 +92,12 @@ def _calibrate(base: str, quiet: bool, **settings):
 @click.option("--verbose", "-v", count=True)
 def calibrate(base: str, output: str, quiet: bool, verbose: int, **settings) -> None:
     """Measure BASE's input activations and write an importance artifact."""
+    from mergekit_aim.calibration.distributed import ranks_from_env
+
     _setup_logging(quiet, verbose)
     importance = _calibrate(base, quiet, **settings)
+    if not ranks_from_env().is_main:
+        return  # every rank holds the combined result; rank 0 writes it
     path = importance.save(output)
     if not quiet:
         click.echo(f"wrote {path} ({len(importance)} tensors)")

@@ -72,6 +72,10 @@ class CalibrationConfig(BaseModel):
     batch_size: int = Field(4, ge=1)
     device: Optional[str] = None
     dtype: CalibrationDtype = "auto"
+    max_memory: Optional[str] = Field(
+        None, description="cap on weight memory per device and CPU, e.g. 8GiB"
+    )
+    offload_dir: Optional[str] = None
 
     def cache_settings(self) -> dict[str, Any]:
         """Settings that change the statistic (device and batch size do not)."""

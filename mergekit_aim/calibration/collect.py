@@ -296,16 +296,25 @@ def collect_importance(
         for batch in batches:
             if batch.ndim == 1:
                 batch = batch.unsqueeze(0)
+            if batch.numel() == 0:
+                continue
             try:
                 model(input_ids=batch.to(device), use_cache=False)
             except _StopForward:
                 pass
             tokens += batch.numel()
             bar.update(batch.numel())
+    from mergekit_aim.calibration.distributed import all_reduce
+
+    # The token total rides along with the row counts: one collective.
+    reduced, totals = all_reduce(
+        stats.sums, [*stats.rows, tokens], [t.channels for t in targets]
+    )
+    *rows_per_target, tokens = totals
     if tokens == 0:
         raise CalibrationError("calibration got no token blocks")
     sums, counts, axes = {}, {}, {}
-    for target, acc, rows in zip(targets, stats.sums, stats.rows):
+    for target, acc, rows in zip(targets, reduced, rows_per_target):
         if acc is None or rows == 0:
             skipped[target.tensor_name] = "received no tokens"
             continue
@@ -350,24 +359,54 @@ def _resolve_dtype(dtype: str, device: str) -> Any:
 
 
 def load_base_model(
-    path: str, *, device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False
+    path: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    max_memory: Optional[str] = None,
+    offload_dir: Optional[str] = None,
 ) -> nn.Module:
-    """Load a causal LM for calibration on ``device`` ("auto" = accelerate's map)."""
+    """Load a causal LM for calibration on ``device``.
+
+    ``max_memory`` (e.g. "4GiB") caps what the weights may occupy on the
+    device and in CPU memory; accelerate's big-model inference places the
+    rest on disk under ``offload_dir`` and streams it in layer by layer.
+    ``device="auto"`` lets accelerate spread the model over all devices.
+    """
     from transformers import AutoModelForCausalLM
 
-    device_map: Any = "auto" if device == "auto" else {"": device}
+    kwargs: Dict[str, Any] = {}
+    if max_memory is not None:
+        compute = "cpu" if device.startswith("cpu") else _device_index(device)
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = {compute: max_memory, "cpu": max_memory}
+        kwargs["offload_folder"] = offload_dir or _default_offload_dir()
+    else:
+        kwargs["device_map"] = "auto" if device == "auto" else {"": device}
     try:
         return AutoModelForCausalLM.from_pretrained(
             path,
             dtype=_resolve_dtype(dtype, device),
-            device_map=device_map,
             trust_remote_code=trust_remote_code,
+            **kwargs,
         )
     except Exception as error:
         raise CalibrationError(
             f"could not load base model {path} as a causal LM for calibration: "
             f"{type(error).__name__}: {error}"
         ) from error
+
+
+def _device_index(device: str) -> Any:
+    parsed = torch.device(device)
+    return parsed.index if parsed.index is not None else 0
+
+
+def _default_offload_dir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="mergekit-aim-offload-")
 
 
 def calibrate(
@@ -386,6 +425,8 @@ def calibrate(
     trust_remote_code: bool = False,
     quiet: bool = False,
     blocks: Any = None,
+    max_memory: Optional[str] = None,
+    offload_dir: Optional[str] = None,
 ) -> "ImportanceMap":  # noqa: F821
     """Calibrate a base model (path, Hub id or loaded model) on a dataset.
 
@@ -393,12 +434,16 @@ def calibrate(
     :func:`mergekit_aim.calibration.data.build_blocks`), runs the model, and
     returns an :class:`ImportanceMap` whose provenance names the base model,
     its fingerprint, the settings and the data fingerprint. ``blocks`` may be
-    a prebuilt ``CalibrationBlocks`` (skips sampling).
+    a prebuilt ``CalibrationBlocks`` (skips sampling). Under ``torchrun``
+    every rank measures its share of the blocks and all ranks return the
+    combined map (see :mod:`mergekit_aim.calibration.distributed`).
     """
+    from mergekit_aim.calibration.distributed import setup, shard
+
     from mergekit_aim.calibration.data import build_blocks
     from mergekit_aim.checkpoint import read_checkpoint, resolve_local_path
 
-    device = device or "cpu"
+    ranks, device = setup(device or "cpu")
     if isinstance(model_or_path, (str, os.PathLike)):
         base_id = str(model_or_path)
         path = resolve_local_path(base_id)
@@ -433,14 +478,19 @@ def calibrate(
         )
     if model is None:
         model = load_base_model(
-            path, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+            path,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            max_memory=max_memory,
+            offload_dir=offload_dir,
         )
     importance = collect_importance(
         model,
-        blocks.tokens,
+        shard(blocks.tokens, ranks),
         batch_size,
         checkpoint_names=None if checkpoint is None else set(checkpoint.tensors),
-        progress=not quiet,
+        progress=not quiet and ranks.is_main,
     )
     from mergekit_aim import __version__
 
