@@ -1,0 +1,210 @@
+"""Throughput of the AIM kernels: effective GB/s against the machine's copy bandwidth.
+
+Usage: ``python benchmarks/kernels.py [--quick] [--out DIR]``.
+
+"Effective" bandwidth is the bytes an op must move at least (each input read
+once, each output written once) divided by its time. Each op is compared with
+``dst.copy_(src)`` of comparable bytes on the same device (the practical ceiling
+for a streaming pass) and with the eager, unfused torch expression it replaces.
+Results go to ``DIR/kernels.json`` and ``DIR/kernels.md``; the table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from mergekit_aim.kernels import aim_relax, channel_abs_sum
+
+LOG = logging.getLogger("benchmarks.kernels")
+FULL = {"activation": (8, 4096, 4096), "weight": (4096, 14336)}
+QUICK = {"activation": (2, 1024, 4096), "weight": (1024, 4096)}
+DTYPE = torch.bfloat16
+OMEGA = 0.4
+
+
+def machine() -> dict[str, object]:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: dict[str, object] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
+    """Median seconds of ``repeat`` runs after one warm-up run."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int, device: torch.device, repeat: int) -> float:
+    """Bytes/s of ``dst.copy_(src)`` (read + write) for ``nbytes`` per tensor."""
+    src = torch.ones(nbytes // 2, dtype=DTYPE, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / timed(lambda: dst.copy_(src), device, repeat)
+
+
+def eager_channel_abs_sum(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().float().sum(dim=tuple(range(x.dim() - 1)))
+
+
+def eager_relax(base, merged, importance, omega, axis=-1) -> torch.Tensor:
+    a = importance.float().abs()
+    s = a / a.max()
+    b = base.float()
+    return (b + (merged.float() - b) * (1 - s * (1 - omega))).to(merged.dtype)
+
+
+def run_device(device: torch.device, sizes, repeat: int) -> list[dict[str, object]]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    act_shape, w_shape = sizes["activation"], sizes["weight"]
+    x = torch.randn(act_shape, device=device, generator=gen).to(DTYPE)
+    base = torch.randn(w_shape, device=device, generator=gen).to(DTYPE)
+    merged = torch.randn(w_shape, device=device, generator=gen).to(DTYPE)
+    stat = torch.rand(w_shape[-1], device=device, generator=gen)
+    x_bytes = x.numel() * x.element_size()
+    w_bytes = base.numel() * base.element_size()
+    sum_bytes = x_bytes + 4 * act_shape[-1]
+    relax_bytes = 3 * w_bytes + 4 * stat.numel()
+    copy_bw = copy_bandwidth(max(x_bytes, w_bytes), device, repeat)
+
+    backends = ["torch"]
+    if device.type == "cuda":
+        backends.insert(0, "triton")
+    cases = []
+    for backend in backends:
+        cases.append(
+            (
+                "channel_abs_sum",
+                backend,
+                sum_bytes,
+                lambda b=backend: channel_abs_sum(x, backend=b),
+                lambda: eager_channel_abs_sum(x),
+            )
+        )
+        cases.append(
+            (
+                "aim_relax",
+                backend,
+                relax_bytes,
+                lambda b=backend: aim_relax(base, merged, stat, OMEGA, -1, b),
+                lambda: eager_relax(base, merged, stat, OMEGA),
+            )
+        )
+    rows = []
+    eager_times: dict[str, float] = {}
+    for op, backend, nbytes, fn, eager in cases:
+        if op not in eager_times:
+            eager_times[op] = timed(eager, device, repeat)
+        seconds = timed(fn, device, repeat)
+        shape = act_shape if op == "channel_abs_sum" else w_shape
+        rows.append(
+            {
+                "op": op,
+                "backend": backend,
+                "device": device.type,
+                "shape": list(shape),
+                "dtype": str(DTYPE).replace("torch.", ""),
+                "ms": seconds * 1e3,
+                "gbps": nbytes / seconds / 1e9,
+                "copy_gbps": copy_bw / 1e9,
+                "fraction_of_copy": nbytes / seconds / copy_bw,
+                "eager_ms": eager_times[op] * 1e3,
+                "speedup_vs_eager": eager_times[op] / seconds,
+            }
+        )
+        LOG.info("%s/%s on %s: %.1f ms", op, backend, device, seconds * 1e3)
+    return rows
+
+
+def markdown(
+    info: dict[str, object], rows: list[dict[str, object]], quick: bool
+) -> str:
+    lines = [
+        f"Machine: {info['cpu']}, {info['cores']} cores "
+        f"({info['torch_threads']} torch threads), torch {info['torch']}, "
+        f"GPU: {info['gpu'] or 'none'}; {'--quick' if quick else 'full'} sizes.",
+        "",
+        "| op | backend | device | shape (bf16) | ms | GB/s | copy GB/s "
+        "| of copy | vs eager |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        shape = "×".join(str(n) for n in r["shape"])
+        lines.append(
+            f"| {r['op']} | {r['backend']} | {r['device']} | {shape} "
+            f"| {r['ms']:.1f} | {r['gbps']:.1f} | {r['copy_gbps']:.1f} "
+            f"| {r['fraction_of_copy']:.0%} | {r['speedup_vs_eager']:.1f}× |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, < 1 min")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results",
+        help="directory for kernels.json and kernels.md",
+    )
+    parser.add_argument("--repeat", type=int, default=None, help="timed runs per op")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    sizes = QUICK if args.quick else FULL
+    repeat = args.repeat or (3 if args.quick else 5)
+    info = machine()
+    rows = run_device(torch.device("cpu"), sizes, repeat)
+    if torch.cuda.is_available():
+        rows += run_device(torch.device("cuda"), FULL, max(repeat, 20))
+    table = markdown(info, rows, args.quick)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "kernels-quick" if args.quick else "kernels"
+    (args.out / f"{name}.json").write_text(
+        json.dumps({"machine": info, "quick": args.quick, "results": rows}, indent=2)
+    )
+    (args.out / f"{name}.md").write_text(table)
+    sys.stdout.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

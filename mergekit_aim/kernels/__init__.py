@@ -1,0 +1,19 @@
+"""AIM's two hot operations as ``torch.ops.mergekit_aim`` custom ops.
+
+The formula lives here and nowhere else. For a weight with base ``B``, merge
+output ``M`` and the raw per-input-channel activation statistic ``a``::
+
+    s = |a| / max|a|            (s = 0 where max|a| = 0)
+    W = B + (M − B) ⊙ (1 − s·(1 − ω)),   s broadcast along the weight's input axis
+
+computed in float32 and returned in ``M``'s dtype. The statistic comes from
+``channel_abs_sum`` (Σ|x| per channel over all leading dims of an activation).
+
+Importing this package registers ``torch.ops.mergekit_aim.channel_abs_sum``,
+``channel_abs_sum_`` and ``aim_relax``. Triton is optional and imported only
+when a Triton kernel is first needed.
+"""
+
+from mergekit_aim.kernels._ops import aim_relax, channel_abs_sum, channel_abs_sum_
+
+__all__ = ["aim_relax", "channel_abs_sum", "channel_abs_sum_"]

@@ -1,0 +1,217 @@
+"""The ``torch.ops.mergekit_aim`` custom ops and the Python entry points.
+
+Each op has a default kernel (the torch implementation: CPU and any device
+without a better one), a CUDA kernel (Triton when it can be imported, torch
+otherwise) and a fake implementation, so ``torch.compile(fullgraph=True)``
+traces callers. The entry points add a ``backend`` argument that bypasses
+dispatch, which is how tests run either implementation on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from types import ModuleType
+
+import torch
+
+from mergekit_aim.kernels import _torch
+from mergekit_aim.kernels._checks import (
+    check_aim_relax,
+    check_backend,
+    check_channel_abs_sum,
+    check_channel_abs_sum_,
+    check_omega,
+)
+
+LOG = logging.getLogger(__name__)
+
+
+@functools.cache
+def _triton_impl() -> ModuleType | None:
+    """The Triton implementation module, or None when Triton is not installed."""
+    try:
+        from mergekit_aim.kernels import _triton
+    except ImportError as err:
+        LOG.info("Triton unavailable (%s); kernels use the torch implementation", err)
+        return None
+    return _triton
+
+
+def _require_triton(device: torch.device) -> ModuleType:
+    impl = _triton_impl()
+    if impl is None:
+        raise RuntimeError(
+            "backend='triton' needs Triton: pip install 'mergekit-aim[triton]'"
+        )
+    if device.type != "cuda" and not impl.INTERPRET:
+        raise RuntimeError(
+            f"backend='triton' on {device.type} tensors runs only in Triton's "
+            f"interpreter: set TRITON_INTERPRET=1 in the environment before "
+            f"Python starts (Triton reads it when the kernels are defined), or "
+            f"use backend='torch'"
+        )
+    return impl
+
+
+def _cuda_impl() -> ModuleType:
+    # The interpreter on CUDA tensors round-trips through host memory; it is a
+    # testing tool, so dispatch keeps CUDA tensors on the torch path under it.
+    impl = _triton_impl()
+    if impl is None or impl.INTERPRET:
+        return _torch
+    return impl
+
+
+def _impl(backend: str, device: torch.device) -> ModuleType:
+    if backend == "torch":
+        return _torch
+    if backend == "triton":
+        return _require_triton(device)
+    return _cuda_impl() if device.type == "cuda" else _torch
+
+
+# --- channel_abs_sum -----------------------------------------------------------
+
+
+@torch.library.custom_op("mergekit_aim::channel_abs_sum", mutates_args=())
+def _channel_abs_sum_op(x: torch.Tensor) -> torch.Tensor:
+    check_channel_abs_sum(x)
+    return _torch.channel_abs_sum(x)
+
+
+@_channel_abs_sum_op.register_kernel("cuda")
+def _(x: torch.Tensor) -> torch.Tensor:
+    check_channel_abs_sum(x)
+    return _cuda_impl().channel_abs_sum(x)
+
+
+@_channel_abs_sum_op.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    check_channel_abs_sum(x)
+    return x.new_empty((x.shape[-1],), dtype=torch.float32)
+
+
+@torch.library.custom_op("mergekit_aim::channel_abs_sum_", mutates_args=("acc",))
+def _channel_abs_sum_inplace_op(acc: torch.Tensor, x: torch.Tensor) -> None:
+    check_channel_abs_sum_(acc, x)
+    _torch.channel_abs_sum_(acc, x)
+
+
+@_channel_abs_sum_inplace_op.register_kernel("cuda")
+def _(acc: torch.Tensor, x: torch.Tensor) -> None:
+    check_channel_abs_sum_(acc, x)
+    _cuda_impl().channel_abs_sum_(acc, x)
+
+
+@_channel_abs_sum_inplace_op.register_fake
+def _(acc: torch.Tensor, x: torch.Tensor) -> None:
+    check_channel_abs_sum_(acc, x)
+
+
+# --- aim_relax -------------------------------------------------------------------
+
+
+@torch.library.custom_op("mergekit_aim::aim_relax", mutates_args=())
+def _aim_relax_op(
+    base: torch.Tensor,
+    merged: torch.Tensor,
+    importance: torch.Tensor,
+    omega: float,
+    input_axis: int,
+) -> torch.Tensor:
+    axis = check_aim_relax(base, merged, importance, omega, input_axis)
+    return _torch.aim_relax(base, merged, importance, omega, axis)
+
+
+@_aim_relax_op.register_kernel("cuda")
+def _(
+    base: torch.Tensor,
+    merged: torch.Tensor,
+    importance: torch.Tensor,
+    omega: float,
+    input_axis: int,
+) -> torch.Tensor:
+    axis = check_aim_relax(base, merged, importance, omega, input_axis)
+    return _cuda_impl().aim_relax(base, merged, importance, omega, axis)
+
+
+@_aim_relax_op.register_fake
+def _(
+    base: torch.Tensor,
+    merged: torch.Tensor,
+    importance: torch.Tensor,
+    omega: float,
+    input_axis: int,
+) -> torch.Tensor:
+    check_aim_relax(base, merged, importance, omega, input_axis)
+    return merged.new_empty(merged.shape)
+
+
+# --- entry points ------------------------------------------------------------------
+
+
+def channel_abs_sum(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Σ|x| per channel over all leading dims of ``x[..., C]``.
+
+    Returns a new float32 tensor of shape ``[C]`` on ``x``'s device. ``x`` is
+    float16, bfloat16, float32 or float64 with any strides; it is reduced in
+    float32 (float64 too) without materialising ``|x|`` or a float32 copy of it,
+    and never written. ``backend``: "auto" (the custom op: Triton for CUDA
+    tensors, torch elsewhere), "torch", or "triton" (CUDA, or CPU under
+    ``TRITON_INTERPRET=1``).
+    """
+    check_backend(backend)
+    if backend == "auto":
+        return torch.ops.mergekit_aim.channel_abs_sum(x)
+    check_channel_abs_sum(x)
+    return _impl(backend, x.device).channel_abs_sum(x)
+
+
+def channel_abs_sum_(
+    acc: torch.Tensor, x: torch.Tensor, backend: str = "auto"
+) -> torch.Tensor:
+    """In place ``acc += Σ|x|`` (see :func:`channel_abs_sum`); returns ``acc``.
+
+    ``acc`` is a 1-D float32 tensor of ``x.shape[-1]`` entries on ``x``'s device;
+    the streaming form for calibration hooks.
+    """
+    check_backend(backend)
+    if backend == "auto":
+        torch.ops.mergekit_aim.channel_abs_sum_(acc, x)
+        return acc
+    check_channel_abs_sum_(acc, x)
+    _impl(backend, x.device).channel_abs_sum_(acc, x)
+    return acc
+
+
+def aim_relax(
+    base: torch.Tensor,
+    merged: torch.Tensor,
+    importance: torch.Tensor,
+    omega: float,
+    input_axis: int = -1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """AIM relaxation ``B + (M − B)·(1 − s·(1 − ω))``, ``s = |a| / max|a|``.
+
+    ``importance`` is the raw 1-D statistic ``a`` (sum or mean of |input|: the
+    normalisation makes them equal); its length must equal the size of
+    ``merged`` along ``input_axis`` (−1 for Linear ``[out, in]``, 0 for GPT-2
+    Conv1D ``[in, out]``, either for 1-D norm weights), along which ``s``
+    broadcasts. If ``max|a| == 0``, ``s = 0`` everywhere. Non-finite entries of
+    ``a`` propagate. ``base`` and ``merged`` have equal shapes and any float
+    dtypes; the arithmetic is float32 and the result is a new contiguous tensor
+    of ``merged``'s dtype. Inputs are never written. ``omega`` in [0, 1].
+    Raises ValueError on any violation.
+    """
+    check_backend(backend)
+    omega = check_omega(omega)
+    if backend == "auto":
+        return torch.ops.mergekit_aim.aim_relax(
+            base, merged, importance, omega, input_axis
+        )
+    axis = check_aim_relax(base, merged, importance, omega, input_axis)
+    return _impl(backend, merged.device).aim_relax(
+        base, merged, importance, omega, axis
+    )
