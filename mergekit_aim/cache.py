@@ -16,7 +16,6 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Tuple
 
 from mergekit_aim.checkpoint import CheckpointIndex
 from mergekit_aim.config import CalibrationConfig
@@ -60,7 +59,7 @@ def calibrated_artifact(
     trust_remote_code: bool = False,
     quiet: bool = False,
     base_model_id: str | None = None,
-) -> Tuple[str, ImportanceMap]:
+) -> tuple[str, ImportanceMap]:
     """Path and map of the cached artifact for these settings, computing it if
     the cache has no valid entry."""
     from transformers import AutoTokenizer
@@ -81,7 +80,9 @@ def calibrated_artifact(
         text_column=settings.text_column,
         trust_remote_code=trust_remote_code,
     )
-    key = cache_key(checkpoint.fingerprint, settings.cache_settings(), blocks.fingerprint)
+    key = cache_key(
+        checkpoint.fingerprint, settings.cache_settings(), blocks.fingerprint
+    )
     path = cache_dir() / f"{key[:40]}.safetensors"
     if path.exists():
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict
+from typing import Any
 
 import yaml
 
@@ -12,7 +12,7 @@ from mergekit_aim.config import PAPER_URL, AimConfig
 _FRONT_MATTER = "---\n"
 
 
-def add_aim_to_card(card: str, aim: AimConfig, report: Dict[str, Any]) -> str:
+def add_aim_to_card(card: str, aim: AimConfig, report: dict[str, Any]) -> str:
     """Add the ``aim`` tag to the front matter and an AIM section at the end."""
     card = _add_tag(card, "aim")
     coverage = report["coverage"]

@@ -17,7 +17,6 @@ import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, Optional, Tuple
 
 from mergekit_aim.errors import AimConfigError
 
@@ -30,7 +29,7 @@ _SAMPLE_BYTES = 4096
 
 @dataclass(frozen=True)
 class TensorInfo:
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
     dtype: str
     file: str
 
@@ -40,10 +39,10 @@ class CheckpointIndex:
     """Tensor names, shapes and the fingerprint of one local checkpoint."""
 
     path: str
-    tensors: Dict[str, TensorInfo]
+    tensors: dict[str, TensorInfo]
     fingerprint: str
 
-    def shape(self, name: str) -> Optional[Tuple[int, ...]]:
+    def shape(self, name: str) -> tuple[int, ...] | None:
         info = self.tensors.get(name)
         return None if info is None else info.shape
 
@@ -52,7 +51,7 @@ class CheckpointIndex:
 
 
 def resolve_local_path(
-    model: str, *, revision: Optional[str] = None, cache_dir: Optional[str] = None
+    model: str, *, revision: str | None = None, cache_dir: str | None = None
 ) -> str:
     """A local directory for a model path or Hub id (weights, configs, tokenizer)."""
     if os.path.isdir(model):
@@ -60,9 +59,9 @@ def resolve_local_path(
     from mergekit.common import ModelPath, ModelReference
 
     try:
-        return ModelReference(model=ModelPath(path=model, revision=revision)).local_path(
-            cache_dir=cache_dir
-        )
+        return ModelReference(
+            model=ModelPath(path=model, revision=revision)
+        ).local_path(cache_dir=cache_dir)
     except Exception as error:  # the hub client raises many unrelated types
         raise AimConfigError(
             f"base model {model!r} is neither a local directory nor a reachable "
@@ -70,7 +69,7 @@ def resolve_local_path(
         ) from error
 
 
-def safetensors_header(path: str) -> Tuple[dict, int]:
+def safetensors_header(path: str) -> tuple[dict, int]:
     with open(path, "rb") as handle:
         raw = handle.read(8)
         if len(raw) != 8:
@@ -82,7 +81,7 @@ def safetensors_header(path: str) -> Tuple[dict, int]:
     return header, 8 + length
 
 
-def _hash_safetensors(path: str, digest: "hashlib._Hash") -> Dict[str, TensorInfo]:
+def _hash_safetensors(path: str, digest: hashlib._Hash) -> dict[str, TensorInfo]:
     header, data_start = safetensors_header(path)
     infos = {}
     file_name = os.path.basename(path)
@@ -107,7 +106,7 @@ def _hash_safetensors(path: str, digest: "hashlib._Hash") -> Dict[str, TensorInf
     return infos
 
 
-def _hash_pickle(path: str, digest: "hashlib._Hash") -> Dict[str, TensorInfo]:
+def _hash_pickle(path: str, digest: hashlib._Hash) -> dict[str, TensorInfo]:
     import torch
 
     state = torch.load(path, map_location="meta", weights_only=True)
@@ -123,13 +122,15 @@ def _hash_pickle(path: str, digest: "hashlib._Hash") -> Dict[str, TensorInfo]:
     digest.update(f"{file_name}|{size}|".encode())
     with open(path, "rb") as handle:
         for i in range(_SAMPLES_PER_TENSOR * 4):
-            handle.seek(max(0, size - _SAMPLE_BYTES) * i // (_SAMPLES_PER_TENSOR * 4 - 1))
+            handle.seek(
+                max(0, size - _SAMPLE_BYTES) * i // (_SAMPLES_PER_TENSOR * 4 - 1)
+            )
             digest.update(handle.read(_SAMPLE_BYTES))
     return infos
 
 
 @lru_cache(maxsize=32)
-def _read_index(path: str, mtimes: Tuple[Tuple[str, float], ...]) -> CheckpointIndex:
+def _read_index(path: str, mtimes: tuple[tuple[str, float], ...]) -> CheckpointIndex:
     from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
 
     try:
@@ -137,7 +138,7 @@ def _read_index(path: str, mtimes: Tuple[Tuple[str, float], ...]) -> CheckpointI
     except RuntimeError as error:
         raise AimConfigError(f"no model weights found in {path}: {error}") from None
     digest = hashlib.sha256(FINGERPRINT_VERSION.encode())
-    tensors: Dict[str, TensorInfo] = {}
+    tensors: dict[str, TensorInfo] = {}
     for shard in sorted({os.path.join(path, f) for f in index.tensor_paths.values()}):
         if shard.endswith(".safetensors"):
             tensors.update(_hash_safetensors(shard, digest))

@@ -6,7 +6,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import click
 
@@ -116,7 +115,7 @@ def calibrate(base: str, output: str, quiet: bool, verbose: int, **settings) -> 
 def relax(
     base: str,
     merged: str,
-    importance: Optional[str],
+    importance: str | None,
     omega: float,
     exclude: tuple,
     out: str,

@@ -16,7 +16,7 @@ instead of a setting that silently does nothing.
 from __future__ import annotations
 
 import re
-from typing import Any, List, Literal, Optional
+from typing import Any, Literal
 
 from mergekit.config import ConditionalParameter, ParameterSetting
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -64,18 +64,18 @@ class CalibrationConfig(BaseModel):
         "pile-val",
         description="pile-val | builtin | a local .txt/.jsonl/.parquet | an HF id",
     )
-    split: Optional[str] = None
-    text_column: Optional[str] = None
+    split: str | None = None
+    text_column: str | None = None
     num_samples: int = Field(256, ge=1)
     seq_len: int = Field(512, ge=1)
     seed: int = 42
     batch_size: int = Field(4, ge=1)
-    device: Optional[str] = None
+    device: str | None = None
     dtype: CalibrationDtype = "auto"
-    max_memory: Optional[str] = Field(
+    max_memory: str | None = Field(
         None, description="cap on weight memory per device and CPU, e.g. 8GiB"
     )
-    offload_dir: Optional[str] = None
+    offload_dir: str | None = None
 
     def cache_settings(self) -> dict[str, Any]:
         """Settings that change the statistic (device and batch size do not)."""
@@ -96,9 +96,9 @@ class AimConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     omega: ParameterSetting = DEFAULT_OMEGA
-    importance: Optional[str] = None
-    calibration: Optional[CalibrationConfig] = None
-    exclude: List[str] = Field(default_factory=list)
+    importance: str | None = None
+    calibration: CalibrationConfig | None = None
+    exclude: list[str] = Field(default_factory=list)
 
     @field_validator("omega")
     @classmethod
@@ -108,7 +108,7 @@ class AimConfig(BaseModel):
 
     @field_validator("exclude")
     @classmethod
-    def _exclude_compiles(cls, patterns: List[str]) -> List[str]:
+    def _exclude_compiles(cls, patterns: list[str]) -> list[str]:
         for pattern in patterns:
             try:
                 re.compile(pattern)
@@ -121,7 +121,7 @@ class AimConfig(BaseModel):
 
     @field_validator("importance")
     @classmethod
-    def _importance_not_blank(cls, value: Optional[str]) -> Optional[str]:
+    def _importance_not_blank(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
             raise ValueError("importance must name a file or a Hub repository")
         return value
@@ -141,7 +141,7 @@ class AimConfig(BaseModel):
             )
         return self
 
-    def excluded_by(self, *names: Optional[str]) -> Optional[str]:
+    def excluded_by(self, *names: str | None) -> str | None:
         """The first exclude pattern matching any of the names, if one does."""
         for pattern in self.exclude:
             if any(name and re.search(pattern, name) for name in names):

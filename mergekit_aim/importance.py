@@ -24,8 +24,9 @@ import os
 import re
 import tempfile
 import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional
+from typing import Any
 
 import torch
 
@@ -50,7 +51,7 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
         sums: Mapping[str, torch.Tensor],
         counts: Mapping[str, int],
         input_axes: Mapping[str, int],
-        provenance: Optional[Mapping[str, Any]] = None,
+        provenance: Mapping[str, Any] | None = None,
     ):
         missing = sorted(set(sums) ^ set(counts)) or sorted(set(sums) ^ set(input_axes))
         if missing:
@@ -64,7 +65,7 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
         }
         self._counts = {name: int(c) for name, c in counts.items()}
         self._axes = {name: int(a) for name, a in input_axes.items()}
-        self.provenance: Dict[str, Any] = dict(provenance or {})
+        self.provenance: dict[str, Any] = dict(provenance or {})
         for name, vector in self._sums.items():
             if vector.ndim != 1:
                 raise ImportanceError(
@@ -97,7 +98,7 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
         return self._sums[name] / max(self._counts[name], 1)
 
     @property
-    def base_fingerprint(self) -> Optional[str]:
+    def base_fingerprint(self) -> str | None:
         return self.provenance.get("base_fingerprint")
 
     def combine(self, other: ImportanceMap) -> ImportanceMap:
@@ -240,7 +241,7 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
                 f"{checkpoint.fingerprint[:16]}…: recalibrate on this base model"
             )
 
-    def summary(self) -> Dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         """JSON-friendly description for logs, cards and `mergekit-aim inspect`."""
         tokens = sorted(set(self._counts.values()))
         return {
@@ -260,11 +261,7 @@ def _check_layer_coverage(names: set, skipped: set, checkpoint, where: str) -> N
     """
     patterns = {_layerless(name) for name in names}
     for name in checkpoint.tensors:
-        if (
-            name not in names
-            and name not in skipped
-            and _layerless(name) in patterns
-        ):
+        if name not in names and name not in skipped and _layerless(name) in patterns:
             raise ImportanceError(
                 f"{where} has no statistic for base tensor {name}, although it "
                 f"covers the same weight in other layers: the artifact was made "
@@ -287,7 +284,7 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-_LOADED: Dict[tuple, ImportanceMap] = {}
+_LOADED: dict[tuple, ImportanceMap] = {}
 _LOADED_LOCK = threading.Lock()
 
 
@@ -307,7 +304,7 @@ def load_cached(path: str) -> ImportanceMap:
         return found
 
 
-def resolve_artifact(spec: str, *, cache_dir: Optional[str] = None) -> str:
+def resolve_artifact(spec: str, *, cache_dir: str | None = None) -> str:
     """A local path for ``path``, ``org/repo`` or ``org/repo:file.safetensors``."""
     if os.path.exists(spec):
         return spec

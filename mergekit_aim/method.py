@@ -19,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 import torch
 from mergekit import merge_methods
@@ -33,7 +34,6 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 from pydantic import AfterValidator
-from typing_extensions import Annotated
 
 from mergekit_aim.config import DEFAULT_OMEGA, PAPER_URL, omega_value
 from mergekit_aim.errors import AimConfigError, ImportanceError
@@ -74,12 +74,10 @@ class AimMergeMethod(MergeMethod):
                 ParameterSpec("omega", _Omega, ParameterScope.SHARED, DEFAULT_OMEGA),
                 ParameterSpec("importance", Any, ParameterScope.SHARED, None),
                 ParameterSpec(
-                    "importance_key", Optional[str], ParameterScope.SHARED, None
+                    "importance_key", str | None, ParameterScope.SHARED, None
                 ),
             ),
-            contract=dataclasses.replace(
-                inner.spec.contract, base=BasePolicy.REQUIRED
-            ),
+            contract=dataclasses.replace(inner.spec.contract, base=BasePolicy.REQUIRED),
             pretty_name=f"{pretty} + AIM",
             reference_url=PAPER_URL,
             optional_tensor_policy=inner.spec.optional_tensor_policy,
@@ -89,12 +87,12 @@ class AimMergeMethod(MergeMethod):
     def _execute(
         self,
         groups: Sequence[TensorGroup],
-        parameters: List[Dict[str, Any]],
+        parameters: list[dict[str, Any]],
         options: BatchOptions,
         *,
-        input_dtypes: Sequence[Optional[torch.dtype]],
-        out_dtype: Optional[torch.dtype] = None,
-    ) -> Tuple[torch.Tensor, ...]:
+        input_dtypes: Sequence[torch.dtype | None],
+        out_dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, ...]:
         inner_names = {p.name for p in self.inner.spec.parameters}
         inner_parameters = [
             {k: v for k, v in p.items() if k in inner_names} for p in parameters
@@ -112,7 +110,7 @@ class AimMergeMethod(MergeMethod):
         )
 
     def _relax_group(
-        self, group: TensorGroup, merged: torch.Tensor, params: Dict[str, Any]
+        self, group: TensorGroup, merged: torch.Tensor, params: dict[str, Any]
     ) -> torch.Tensor:
         from mergekit_aim.kernels import aim_relax
 
@@ -167,7 +165,7 @@ def _as_map(importance: Any, method_name: str) -> ImportanceMap:
     )
 
 
-def aim_method(inner: Union[str, MergeMethod], *, register: bool = True) -> MergeMethod:
+def aim_method(inner: str | MergeMethod, *, register: bool = True) -> MergeMethod:
     """The AIM wrapper of a merge method, registered as ``aim_<name>``.
 
     Works for methods registered by other code after this package was imported:
@@ -195,7 +193,7 @@ def aim_method(inner: Union[str, MergeMethod], *, register: bool = True) -> Merg
         return wrapper
 
 
-def _registered(name: str) -> Optional[MergeMethod]:
+def _registered(name: str) -> MergeMethod | None:
     try:
         return merge_methods.get(name)
     except RuntimeError:

@@ -10,9 +10,9 @@ and summarises what it did in a coverage report.
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from mergekit.common import ImmutableMap
 from mergekit.config import evaluate_setting
@@ -36,18 +36,18 @@ NO_OMEGA = "no aim.omega filter matched"
 class Coverage:
     """Which output tensors were relaxed, which were left alone and why."""
 
-    decisions: Dict[str, List[str]] = field(default_factory=lambda: defaultdict(list))
-    omegas: List[float] = field(default_factory=list)
+    decisions: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    omegas: list[float] = field(default_factory=list)
 
-    def add(self, reason: str, tensor: str, omega: Optional[float] = None) -> None:
+    def add(self, reason: str, tensor: str, omega: float | None = None) -> None:
         self.decisions[reason].append(tensor)
         if omega is not None:
             self.omegas.append(omega)
 
-    def summary(self) -> Dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         counts = {reason: len(names) for reason, names in self.decisions.items()}
         total = sum(counts.values())
-        result: Dict[str, Any] = {
+        result: dict[str, Any] = {
             "tensors": total,
             "relaxed": counts.get(RELAXED, 0),
             "left_alone": {k: v for k, v in counts.items() if k != RELAXED},
@@ -83,16 +83,16 @@ class AimMergeSession:
         """Resolve and check everything AIM needs; raise before any tensor work."""
         aim: AimConfig = config.aim
         wrapper = aim_method(config.merge_method)
-        base_path = (
-            config.base_model.merged(
-                cache_dir=options.lora_merge_cache,
-                trust_remote_code=options.trust_remote_code,
-                lora_merge_dtype=options.lora_merge_dtype,
-            ).local_path(cache_dir=options.transformers_cache)
-        )
+        base_path = config.base_model.merged(
+            cache_dir=options.lora_merge_cache,
+            trust_remote_code=options.trust_remote_code,
+            lora_merge_dtype=options.lora_merge_dtype,
+        ).local_path(cache_dir=options.transformers_cache)
         checkpoint = read_checkpoint(base_path)
         if aim.importance is not None:
-            path = resolve_artifact(aim.importance, cache_dir=options.transformers_cache)
+            path = resolve_artifact(
+                aim.importance, cache_dir=options.transformers_cache
+            )
             importance = load_cached(path)
             source = f"precomputed: {aim.importance}"
         else:
@@ -172,7 +172,7 @@ class AimMergeSession:
             }
         )
 
-    def _statistic_key(self, base_weight: Any) -> Optional[str]:
+    def _statistic_key(self, base_weight: Any) -> str | None:
         # The statistic belongs to the base's own tensor (a moved layer in
         # slices: looks up the layer it came from), under whichever of the
         # weight's names the base checkpoint actually uses.
@@ -181,7 +181,7 @@ class AimMergeSession:
                 return name if name in self.importance else None
         return None
 
-    def finish(self) -> Dict[str, Any]:
+    def finish(self) -> dict[str, Any]:
         """Log the coverage report and return what the model card shows."""
         summary = self.coverage.summary()
         left = ", ".join(f"{n} {reason}" for reason, n in summary["left_alone"].items())
@@ -208,7 +208,7 @@ class AimMergeSession:
         }
 
 
-def _omega_text(summary: Dict[str, Any]) -> str:
+def _omega_text(summary: dict[str, Any]) -> str:
     if "omega_min" not in summary:
         return ""
     lo, hi = summary["omega_min"], summary["omega_max"]

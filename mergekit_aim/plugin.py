@@ -24,7 +24,7 @@ import functools
 import logging
 import sys
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any
 
 LOG = logging.getLogger(__name__)
 
@@ -71,9 +71,9 @@ def _extend_config(module: ModuleType) -> None:
         __doc__ = original.__doc__
         # Typed by the validator below: mergekit_aim.config itself imports
         # mergekit.config, so AimConfig may not exist yet when this class does.
-        aim: Optional[Any] = None
+        aim: Any | None = None
         # Filled while planning; read by the model card.
-        _aim_report: Optional[dict] = PrivateAttr(default=None)
+        _aim_report: dict | None = PrivateAttr(default=None)
 
         @field_validator("aim", mode="before")
         @classmethod

@@ -13,8 +13,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -36,7 +36,9 @@ def relax(
     """``B + (M − B)·(1 − s·(1 − ω))`` with ``s = |a|/max|a|`` along ``input_axis``."""
     from mergekit_aim.kernels import aim_relax
 
-    return aim_relax(base, merged, importance, omega_value(omega), input_axis=input_axis)
+    return aim_relax(
+        base, merged, importance, omega_value(omega), input_axis=input_axis
+    )
 
 
 def apply_aim(
@@ -46,7 +48,7 @@ def apply_aim(
     omega: float,
     *,
     exclude: Iterable[str] = (),
-) -> Dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor]:
     """Relax every tensor of ``merged_sd`` that has a statistic; copy the rest.
 
     Returns a new dict (inputs are not modified). Tensors with a statistic must
@@ -78,7 +80,7 @@ def apply_aim(
 # --- checkpoints on disk -----------------------------------------------------
 
 
-def _shards(model_dir: str) -> Dict[str, str]:
+def _shards(model_dir: str) -> dict[str, str]:
     """tensor name -> shard path, for a safetensors checkpoint directory."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     single = os.path.join(model_dir, "model.safetensors")
@@ -104,7 +106,7 @@ def relax_checkpoint(
     *,
     exclude: Iterable[str] = (),
     source: str = "",
-) -> Dict[str, object]:
+) -> dict[str, object]:
     """Write AIM(base, merged) to ``out_dir`` and return a coverage report.
 
     Everything is checked before the output directory is created: shapes of
@@ -128,7 +130,7 @@ def relax_checkpoint(
     merged_shards = _shards(merged_dir)
     merged_ckpt = read_checkpoint(merged_dir)
 
-    plan: Dict[str, bool] = {}
+    plan: dict[str, bool] = {}
     for name in merged_shards:
         relaxable = name in importance and not any(p.search(name) for p in patterns)
         if relaxable:
@@ -142,14 +144,14 @@ def relax_checkpoint(
         plan[name] = relaxable
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    handles: Dict[str, object] = {}
+    handles: dict[str, object] = {}
 
     def tensor(path: str, name: str) -> torch.Tensor:
         if path not in handles:
             handles[path] = safe_open(path, framework="pt")
         return handles[path].get_tensor(name)
 
-    relaxed: List[str] = []
+    relaxed: list[str] = []
     for shard in sorted(set(merged_shards.values())):
         header, data_start = safetensors_header(shard)
         names = sorted(
@@ -204,7 +206,7 @@ def relax_checkpoint(
     return report
 
 
-def _write_card(merged_dir: Path, out_dir: Path, report: Dict[str, object]) -> None:
+def _write_card(merged_dir: Path, out_dir: Path, report: dict[str, object]) -> None:
     previous = merged_dir / "README.md"
     card = previous.read_text(encoding="utf-8") if previous.exists() else ""
     section = (
@@ -219,7 +221,7 @@ def _write_card(merged_dir: Path, out_dir: Path, report: Dict[str, object]) -> N
     )
 
 
-def load_importance(spec: Optional[str]) -> ImportanceMap:
+def load_importance(spec: str | None) -> ImportanceMap:
     from mergekit_aim.importance import resolve_artifact
 
     if not spec:

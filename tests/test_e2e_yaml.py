@@ -42,12 +42,12 @@ def load_dir(path):
     return tensors
 
 
-def run_yaml(config, out, *extra, check=True):
+def run_yaml(config, out, *extra, check=True, env=None):
     result = subprocess.run(
         [MERGEKIT_YAML, str(config), str(out), "--random-seed", "1", *extra],
         capture_output=True,
         text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
     )
     if check and result.returncode != 0:
         raise AssertionError(f"mergekit-yaml failed:\n{result.stderr[-4000:]}")
@@ -160,20 +160,19 @@ def test_calibration_block_computes_once_then_hits_cache(
         },
     }
     config = write_config(tmp_path / "aim.yml", family, aim=aim)
-    env_cache = {"MERGEKIT_AIM_CACHE": str(cache)}
-    os.environ.update(env_cache)
-    first = run_yaml(config, tmp_path / "first")
+    env = {"MERGEKIT_AIM_CACHE": str(cache)}
+    first = run_yaml(config, tmp_path / "first", env=env)
     entries = list(cache.glob("*.safetensors"))
     assert len(entries) == 1
     assert "calibrating" in first.stderr
-    second = run_yaml(config, tmp_path / "second")
+    second = run_yaml(config, tmp_path / "second", env=env)
     assert "using cached importance" in second.stderr
     assert list(cache.glob("*.safetensors")) == entries
     for name, tensor in load_dir(tmp_path / "first").items():
         torch.testing.assert_close(load_dir(tmp_path / "second")[name], tensor)
     # A corrupt entry is detected and recomputed.
     entries[0].write_bytes(entries[0].read_bytes()[:100])
-    third = run_yaml(config, tmp_path / "third")
+    third = run_yaml(config, tmp_path / "third", env=env)
     assert "discarding unusable cache entry" in third.stderr
     assert ImportanceMap.load(entries[0])  # rewritten whole
 
@@ -259,7 +258,11 @@ def test_slice_without_base_source_is_refused(tiny_family, calibration_text, tmp
         "slices": [
             {
                 "sources": [
-                    {"model": str(m), "layer_range": [0, 2], "parameters": {"weight": 1}}
+                    {
+                        "model": str(m),
+                        "layer_range": [0, 2],
+                        "parameters": {"weight": 1},
+                    }
                     for m in family.finetunes
                 ]
             }

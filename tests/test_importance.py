@@ -145,7 +145,9 @@ def test_check_against_refuses_missing_layer(tmp_path):
     shapes = dict(SHAPES)
     shapes["model.layers.2.mlp.down_proj.weight"] = (4, 3)
     directory, _ = _checkpoint(tmp_path, shapes)
-    with pytest.raises(ImportanceError, match="no statistic for base tensor .*layers.2"):
+    with pytest.raises(
+        ImportanceError, match="no statistic for base tensor .*layers.2"
+    ):
         _map().check_against(read_checkpoint(directory))
 
 

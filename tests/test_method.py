@@ -66,7 +66,10 @@ def _state_dicts(count, seed=0):
     models = [base]
     for _ in range(count - 1):
         models.append(
-            {k: v + 0.3 * torch.randn(v.shape, generator=generator) for k, v in base.items()}
+            {
+                k: v + 0.3 * torch.randn(v.shape, generator=generator)
+                for k, v in base.items()
+            }
         )
     return models
 
@@ -83,7 +86,9 @@ def _importance():
 
 
 def _parameters(method):
-    return {p.name: GENERIC[p.name] for p in method.spec.parameters if p.name in GENERIC}
+    return {
+        p.name: GENERIC[p.name] for p in method.spec.parameters if p.name in GENERIC
+    }
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -107,7 +112,10 @@ def test_aim_equals_formula_on_plain_merge(name, omega):
     for key in plain:
         if key in importance:
             expected = reference(
-                models[0][key], plain[key], importance[key], omega,
+                models[0][key],
+                plain[key],
+                importance[key],
+                omega,
                 importance.input_axis(key),
             )
             torch.testing.assert_close(relaxed[key], expected, rtol=1e-5, atol=1e-5)
@@ -189,7 +197,10 @@ def test_artifact_path_is_accepted(tmp_path):
     models = _state_dicts(3)
     params = {"weight": 1.0, "omega": 0.2}
     by_object = merge_state_dicts(
-        models, aim_method("linear"), base=0, parameters={**params, "importance": importance}
+        models,
+        aim_method("linear"),
+        base=0,
+        parameters={**params, "importance": importance},
     )
     by_path = merge_state_dicts(
         models, aim_method("linear"), base=0, parameters={**params, "importance": path}
@@ -229,7 +240,9 @@ def test_wraps_methods_registered_later(monkeypatch):
         models, "aim_halfway", base=0, parameters={"importance": importance}
     )
     plain = (models[0]["linear.weight"] + models[1]["linear.weight"]) / 2
-    expected = reference(models[0]["linear.weight"], plain, importance["linear.weight"], 0.4, -1)
+    expected = reference(
+        models[0]["linear.weight"], plain, importance["linear.weight"], 0.4, -1
+    )
     torch.testing.assert_close(out["linear.weight"], expected, rtol=1e-5, atol=1e-5)
 
 

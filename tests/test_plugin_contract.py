@@ -52,9 +52,9 @@ def test_original_config_drops_unknown_blocks():
 
 
 def test_plugin_is_active_after_plain_import():
-    from mergekit_aim.plugin import is_active
-
     import mergekit.config  # noqa: F401
+
+    from mergekit_aim.plugin import is_active
 
     assert is_active()
 
@@ -134,7 +134,9 @@ def test_late_activation_patches_already_imported_modules():
     assert out.split()[0] == "True"
 
 
-@pytest.mark.parametrize("module", ["mergekit.config", "mergekit.plan", "mergekit.card"])
+@pytest.mark.parametrize(
+    "module", ["mergekit.config", "mergekit.plan", "mergekit.card"]
+)
 def test_watched_modules_are_marked(module):
     import importlib
 

@@ -14,8 +14,9 @@ import contextlib
 import logging
 import os
 import re
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Collection, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,12 +31,12 @@ class TargetKind:
     """A family of modules whose weight AIM relaxes, and its input axis."""
 
     name: str
-    module_types: Tuple[type, ...]
-    class_pattern: Optional[re.Pattern]
+    module_types: tuple[type, ...]
+    class_pattern: re.Pattern | None
     input_axis: int
 
 
-def _target_kinds() -> Tuple[TargetKind, ...]:
+def _target_kinds() -> tuple[TargetKind, ...]:
     from transformers.pytorch_utils import Conv1D
 
     return (
@@ -64,8 +65,8 @@ class Target:
 
 
 def find_targets(
-    model: nn.Module, checkpoint_names: Optional[Collection[str]] = None
-) -> Tuple[List[Target], Dict[str, str]]:
+    model: nn.Module, checkpoint_names: Collection[str] | None = None
+) -> tuple[list[Target], dict[str, str]]:
     """Modules to measure, keyed by checkpoint tensor name, and what was skipped.
 
     ``checkpoint_names`` are the tensor names of the checkpoint the merge will
@@ -75,8 +76,8 @@ def find_targets(
     kinds = _target_kinds()
     prefix = getattr(model, "base_model_prefix", "") or ""
     tied = _tied_output_embedding(model)
-    targets: List[Target] = []
-    skipped: Dict[str, str] = {}
+    targets: list[Target] = []
+    skipped: dict[str, str] = {}
     for module_name, module in model.named_modules():
         kind = _kind_of(module, kinds)
         if kind is None:
@@ -101,7 +102,7 @@ def find_targets(
     return targets, skipped
 
 
-def _kind_of(module: nn.Module, kinds: Tuple[TargetKind, ...]) -> Optional[TargetKind]:
+def _kind_of(module: nn.Module, kinds: tuple[TargetKind, ...]) -> TargetKind | None:
     for kind in kinds:
         if isinstance(module, kind.module_types):
             return kind
@@ -110,7 +111,7 @@ def _kind_of(module: nn.Module, kinds: Tuple[TargetKind, ...]) -> Optional[Targe
     return None
 
 
-def _tied_output_embedding(model: nn.Module) -> Optional[nn.Module]:
+def _tied_output_embedding(model: nn.Module) -> nn.Module | None:
     get_out = getattr(model, "get_output_embeddings", None)
     get_in = getattr(model, "get_input_embeddings", None)
     if get_out is None or get_in is None:
@@ -127,8 +128,8 @@ def _tied_output_embedding(model: nn.Module) -> Optional[nn.Module]:
 
 
 def _checkpoint_name(
-    param_name: str, prefix: str, names: Optional[Collection[str]]
-) -> Optional[str]:
+    param_name: str, prefix: str, names: Collection[str] | None
+) -> str | None:
     if names is None:
         return param_name
     candidates = [param_name]
@@ -149,13 +150,13 @@ class _StopForward(Exception):
 class ChannelStatistics:
     """Owns the hooks and accumulators of one calibration; always removes hooks."""
 
-    def __init__(self, model: nn.Module, targets: List[Target], stop_at=None):
+    def __init__(self, model: nn.Module, targets: list[Target], stop_at=None):
         self.model = model
         self.targets = targets
-        self.sums: List[Optional[torch.Tensor]] = [None] * len(targets)
-        self.rows: List[int] = [0] * len(targets)
+        self.sums: list[torch.Tensor | None] = [None] * len(targets)
+        self.rows: list[int] = [0] * len(targets)
         self._stop_at = stop_at
-        self._handles: List[Any] = []
+        self._handles: list[Any] = []
 
     def __enter__(self) -> ChannelStatistics:
         modules = dict(self.model.named_modules())
@@ -218,7 +219,7 @@ class ChannelStatistics:
         return hook
 
 
-def _first_tensor(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
             return value
@@ -237,7 +238,9 @@ def calibration_forward_context(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _batches(blocks: Any, batch_size: int) -> Tuple[Iterable[torch.Tensor], Optional[int]]:
+def _batches(
+    blocks: Any, batch_size: int
+) -> tuple[Iterable[torch.Tensor], int | None]:
     if batch_size < 1:
         raise CalibrationError(f"batch_size must be at least 1; got {batch_size}")
     if isinstance(blocks, torch.Tensor):
@@ -266,9 +269,9 @@ def collect_importance(
     blocks: Any,
     batch_size: int = 8,
     *,
-    checkpoint_names: Optional[Collection[str]] = None,
+    checkpoint_names: Collection[str] | None = None,
     progress: bool = False,
-) -> "ImportanceMap":  # noqa: F821
+) -> ImportanceMap:  # noqa: F821
     """Measure an already-loaded Hugging Face causal LM on token blocks.
 
     ``blocks`` is a LongTensor ``[N, L]`` (split into batches of
@@ -333,7 +336,7 @@ def collect_importance(
     )
 
 
-def _progress(total: Optional[int], enabled: bool):
+def _progress(total: int | None, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(
@@ -350,8 +353,11 @@ def _resolve_dtype(dtype: str, device: str) -> Any:
         # fp32 on CPU (fast and exact there); the checkpoint's dtype elsewhere.
         return torch.float32 if device.startswith("cpu") else "auto"
     try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                "float16": torch.float16}[dtype]
+        return {
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }[dtype]
     except KeyError:
         raise CalibrationError(
             f"dtype must be auto, float32, bfloat16 or float16; got {dtype!r}"
@@ -364,8 +370,8 @@ def load_base_model(
     device: str = "cpu",
     dtype: str = "auto",
     trust_remote_code: bool = False,
-    max_memory: Optional[str] = None,
-    offload_dir: Optional[str] = None,
+    max_memory: str | None = None,
+    offload_dir: str | None = None,
 ) -> nn.Module:
     """Load a causal LM for calibration on ``device``.
 
@@ -376,7 +382,7 @@ def load_base_model(
     """
     from transformers import AutoModelForCausalLM
 
-    kwargs: Dict[str, Any] = {}
+    kwargs: dict[str, Any] = {}
     if max_memory is not None:
         compute = "cpu" if device.startswith("cpu") else _device_index(device)
         kwargs["device_map"] = "auto"
@@ -414,20 +420,20 @@ def calibrate(
     *,
     tokenizer: Any = None,
     dataset: str = "pile-val",
-    split: Optional[str] = None,
-    text_column: Optional[str] = None,
+    split: str | None = None,
+    text_column: str | None = None,
     num_samples: int = 256,
     seq_len: int = 512,
     seed: int = 42,
     batch_size: int = 4,
-    device: Optional[str] = None,
+    device: str | None = None,
     dtype: str = "auto",
     trust_remote_code: bool = False,
     quiet: bool = False,
     blocks: Any = None,
-    max_memory: Optional[str] = None,
-    offload_dir: Optional[str] = None,
-) -> "ImportanceMap":  # noqa: F821
+    max_memory: str | None = None,
+    offload_dir: str | None = None,
+) -> ImportanceMap:  # noqa: F821
     """Calibrate a base model (path, Hub id or loaded model) on a dataset.
 
     Samples and packs the data the paper's way (see
@@ -438,9 +444,8 @@ def calibrate(
     every rank measures its share of the blocks and all ranks return the
     combined map (see :mod:`mergekit_aim.calibration.distributed`).
     """
-    from mergekit_aim.calibration.distributed import setup, shard
-
     from mergekit_aim.calibration.data import build_blocks
+    from mergekit_aim.calibration.distributed import setup, shard
     from mergekit_aim.checkpoint import read_checkpoint, resolve_local_path
 
     ranks, device = setup(device or "cpu")

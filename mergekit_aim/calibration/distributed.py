@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
 
 import torch
 
@@ -38,7 +37,7 @@ def ranks_from_env() -> Ranks:
     )
 
 
-def setup(device: str) -> Tuple[Ranks, str]:
+def setup(device: str) -> tuple[Ranks, str]:
     """Join the process group when launched by torchrun; return ranks and the
     device this rank computes on (``cuda`` becomes ``cuda:LOCAL_RANK``)."""
     ranks = ranks_from_env()
@@ -65,8 +64,8 @@ def shard(blocks: torch.Tensor, ranks: Ranks) -> torch.Tensor:
 
 
 def all_reduce(
-    sums: List[Optional[torch.Tensor]], rows: List[int], channels: List[int]
-) -> Tuple[List[Optional[torch.Tensor]], List[int]]:
+    sums: list[torch.Tensor | None], rows: list[int], channels: list[int]
+) -> tuple[list[torch.Tensor | None], list[int]]:
     """Sum accumulators and row counts over ranks (no-op without a group).
 
     A rank that never saw a module (possible for MoE experts) contributes
@@ -74,7 +73,10 @@ def all_reduce(
     """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if (
+        not (dist.is_available() and dist.is_initialized())
+        or dist.get_world_size() == 1
+    ):
         return sums, rows
     device = _collective_device()
     flat = torch.cat(
