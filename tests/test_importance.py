@@ -172,3 +172,46 @@ def test_fingerprint_sees_changed_weights(tmp_path):
 def test_load_cached_reads_once_per_file_version(tmp_path):
     path = _map().save(tmp_path / "imp.safetensors")
     assert load_cached(str(path)) is load_cached(str(path))
+
+
+def _populate_hub_cache(cache, repo, filename, source):
+    """Lay a file out the way huggingface_hub's cache stores a download."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    (snapshot / filename).write_bytes(source.read_bytes())
+
+
+@pytest.mark.parametrize(
+    "spec, filename",
+    [
+        ("org/base", "aim_importance.safetensors"),
+        ("org/base:custom.safetensors", "custom.safetensors"),
+    ],
+)
+def test_hub_artifacts_resolve_from_the_cache_offline(tmp_path, spec, filename):
+    from mergekit_aim.importance import resolve_artifact
+
+    source = _map(base_model="org/base").save(tmp_path / "local.safetensors")
+    cache = tmp_path / "hub"
+    _populate_hub_cache(cache, "org/base", filename, source)
+    path = resolve_artifact(spec, cache_dir=str(cache))
+    assert path.endswith(filename)
+    assert ImportanceMap.load(path).provenance["base_model"] == "org/base"
+
+
+def test_unreachable_hub_artifact_is_named(tmp_path):
+    from mergekit_aim.importance import resolve_artifact
+
+    with pytest.raises(ImportanceError, match="org/missing.*local path"):
+        resolve_artifact("org/missing", cache_dir=str(tmp_path))
+
+
+def test_nonsense_artifact_spec_is_refused():
+    from mergekit_aim.importance import resolve_artifact
+
+    with pytest.raises(ImportanceError, match="not a Hub repository id"):
+        resolve_artifact("no such file.safetensors")
