@@ -10,6 +10,7 @@ and summarises what it did in a coverage report.
 from __future__ import annotations
 
 import logging
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -181,17 +182,23 @@ class AimMergeSession:
                 return name if name in self.importance else None
         return None
 
-    def finish(self) -> dict[str, Any]:
-        """Log the coverage report and return what the model card shows."""
+    def finish(self, *, quiet: bool = False) -> dict[str, Any]:
+        """Report coverage and return what the model card shows.
+
+        The one-line summary also goes to stderr unless ``quiet``: mergekit-yaml
+        logs only warnings by default, and a user must be able to see that the
+        ``aim:`` block took effect (the per-tensor lists are DEBUG logs).
+        """
         summary = self.coverage.summary()
         left = ", ".join(f"{n} {reason}" for reason, n in summary["left_alone"].items())
-        LOG.info(
-            "AIM coverage: relaxed %d of %d tensors%s; left alone: %s",
-            summary["relaxed"],
-            summary["tensors"],
-            _omega_text(summary),
-            left or "none",
+        line = "AIM coverage: relaxed {} of {} tensors{}; left alone: {}".format(
+            summary["relaxed"], summary["tensors"], _omega_text(summary), left or "none"
         )
+        LOG.info(line)
+        if not quiet:
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stderr)
         for reason, names in self.coverage.decisions.items():
             LOG.debug("AIM %s: %s", reason, ", ".join(names))
         if summary["relaxed"] == 0:

@@ -124,7 +124,9 @@ def _extend_planner(module: ModuleType) -> None:
         self._aim_session = AimMergeSession.prepare(self.config, self.options)
         try:
             result = original_plan(self, *args, **kwargs)
-            self.config._aim_report = self._aim_session.finish()
+            self.config._aim_report = self._aim_session.finish(
+                quiet=self.options.quiet
+            )
         finally:
             self._aim_session = None
         return result

@@ -161,18 +161,19 @@ def test_calibration_block_computes_once_then_hits_cache(
     }
     config = write_config(tmp_path / "aim.yml", family, aim=aim)
     env = {"MERGEKIT_AIM_CACHE": str(cache)}
-    first = run_yaml(config, tmp_path / "first", env=env)
+    first = run_yaml(config, tmp_path / "first", "-v", env=env)
     entries = list(cache.glob("*.safetensors"))
     assert len(entries) == 1
     assert "calibrating" in first.stderr
-    second = run_yaml(config, tmp_path / "second", env=env)
+    assert "AIM calibration" in first.stderr  # the progress bar (tokens/s)
+    second = run_yaml(config, tmp_path / "second", "-v", env=env)
     assert "using cached importance" in second.stderr
     assert list(cache.glob("*.safetensors")) == entries
     for name, tensor in load_dir(tmp_path / "first").items():
         torch.testing.assert_close(load_dir(tmp_path / "second")[name], tensor)
     # A corrupt entry is detected and recomputed.
     entries[0].write_bytes(entries[0].read_bytes()[:100])
-    third = run_yaml(config, tmp_path / "third", env=env)
+    third = run_yaml(config, tmp_path / "third", "-v", env=env)
     assert "discarding unusable cache entry" in third.stderr
     assert ImportanceMap.load(entries[0])  # rewritten whole
 
