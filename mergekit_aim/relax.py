@@ -130,18 +130,22 @@ def relax_checkpoint(
     merged_shards = _shards(merged_dir)
     merged_ckpt = read_checkpoint(merged_dir)
 
-    plan: dict[str, bool] = {}
+    foreign = sorted(n for n in merged_shards if n not in base_shards)
+    if foreign:
+        raise ImportanceError(
+            f"{merged_dir} is not a merge of {base_dir}: the base has no tensor "
+            f"{', '.join(foreign[:3])}{' …' if len(foreign) > 3 else ''}"
+        )
     for name in merged_shards:
-        relaxable = name in importance and not any(p.search(name) for p in patterns)
-        if relaxable:
-            if name not in base_shards:
-                raise ImportanceError(f"base model {base_dir} has no tensor {name}")
-            if base_ckpt.shape(name) != merged_ckpt.shape(name):
-                raise ImportanceError(
-                    f"tensor {name}: merged shape {merged_ckpt.shape(name)} differs "
-                    f"from the base's {base_ckpt.shape(name)}"
-                )
-        plan[name] = relaxable
+        if base_ckpt.shape(name) != merged_ckpt.shape(name):
+            raise ImportanceError(
+                f"tensor {name}: merged shape {merged_ckpt.shape(name)} differs "
+                f"from the base's {base_ckpt.shape(name)}"
+            )
+    plan = {
+        name: name in importance and not any(p.search(name) for p in patterns)
+        for name in merged_shards
+    }
 
     out_dir.mkdir(parents=True, exist_ok=True)
     handles: dict[str, object] = {}
