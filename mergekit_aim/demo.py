@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import math
+import random
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -48,7 +49,10 @@ class DemoSettings:
     base_lr: float
     expert_steps: int
     expert_lr: float
+    train_chars: int
+    heldout_chars: int
     calibration_samples: int
+    calibration_seq_len: int
     density: float
 
 
@@ -58,11 +62,14 @@ FULL = DemoSettings(
     num_layers=4,
     seq_len=128,
     batch_size=8,
-    base_steps=220,
+    base_steps=300,
     base_lr=3e-3,
-    expert_steps=80,
+    expert_steps=100,
     expert_lr=1e-3,
+    train_chars=400_000,
+    heldout_chars=40_000,
     calibration_samples=256,
+    calibration_seq_len=512,
     density=0.5,
 )
 QUICK = DemoSettings(
@@ -75,7 +82,10 @@ QUICK = DemoSettings(
     base_lr=3e-3,
     expert_steps=40,
     expert_lr=2e-3,
+    train_chars=100_000,
+    heldout_chars=20_000,
     calibration_samples=64,
+    calibration_seq_len=512,
     density=0.5,
 )
 
@@ -151,6 +161,24 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    # The demo's matrices are too small to gain much from a second thread,
+    # and on a machine whose cores are busy (tests running beside it) OpenMP
+    # threads spin-waiting on each other made every step ~20x slower.
+    import torch
+
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class _Stopwatch:
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
@@ -163,13 +191,23 @@ class _Stopwatch:
         LOG.info("demo: %s done in %.1f s", step, self.timings[step])
 
 
-def _texts(domains: tuple[str, ...], split: str) -> list[str]:
+def _texts(domain: str, split: str, budget: int, seed: int) -> list[str]:
+    """A seeded random sample of ``domain`` documents of ``split``, about
+    ``budget`` characters in all (the whole corpus would take minutes to
+    train on and to score)."""
     from mergekit_aim.calibration.builtin import builtin_documents
 
-    texts = [doc.text for doc in builtin_documents(domains=domains, split=split)]
-    if not texts:
-        raise RuntimeError(f"the builtin corpus has no {split} text for {domains}")
-    return texts
+    texts = [doc.text for doc in builtin_documents(domains=[domain], split=split)]
+    random.Random(f"{seed}-{domain}-{split}").shuffle(texts)
+    chosen, size = [], 0
+    for text in texts:
+        if size >= budget:
+            break
+        chosen.append(text)
+        size += len(text)
+    if not chosen:
+        raise RuntimeError(f"the builtin corpus has no {split} {domain} text")
+    return chosen
 
 
 def _merge_config(
@@ -205,7 +243,9 @@ def _run_merge(config_text: str, out: Path) -> Path:
     return out
 
 
-def run_demo(out_dir: Path, *, quick: bool = False, seed: int = 0) -> DemoResult:
+def run_demo(
+    out_dir: Path, *, quick: bool = False, seed: int = 0, threads: int | None = 1
+) -> DemoResult:
     """Build, train, calibrate, merge and evaluate; write results under ``out_dir``.
 
     Writes ``models/{base,expert_prose,expert_code,ties,ties_aim}/`` (HF
@@ -214,6 +254,8 @@ def run_demo(out_dir: Path, *, quick: bool = False, seed: int = 0) -> DemoResult
     ``results.md``. ``seed`` fixes model initialisation and data order; the
     same seed and settings give the same table on the same machine.
     ``quick`` uses :data:`QUICK` (for tests) instead of :data:`FULL`.
+    ``threads`` is torch's intra-op thread count for the run (restored
+    afterwards; ``None`` keeps the current one).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -229,10 +271,14 @@ def run_demo(out_dir: Path, *, quick: bool = False, seed: int = 0) -> DemoResult
     start = time.perf_counter()
     paths: dict[str, Path] = {}
 
-    with _quiet_transformers():
+    with _quiet_transformers(), _torch_threads(threads):
         with watch("tokenizer"):
-            train_text = {d: _texts((d,), "train") for d in DOMAINS}
-            heldout_text = {d: _texts((d,), "heldout") for d in DOMAINS}
+            train_text = {
+                d: _texts(d, "train", settings.train_chars, seed) for d in DOMAINS
+            }
+            heldout_text = {
+                d: _texts(d, "heldout", settings.heldout_chars, seed) for d in DOMAINS
+            }
             # Interleave domains so the mixed base sees all three from the start.
             mixed = [
                 text
@@ -290,7 +336,7 @@ def run_demo(out_dir: Path, *, quick: bool = False, seed: int = 0) -> DemoResult
                 str(paths[BASE]),
                 dataset="builtin",
                 num_samples=settings.calibration_samples,
-                seq_len=settings.seq_len,
+                seq_len=settings.calibration_seq_len,
                 seed=CALIBRATION_SEED,
                 batch_size=8,
                 quiet=True,
@@ -358,9 +404,11 @@ def _report(result: DemoResult) -> str:
     )
 
 
-def main(out_dir: Path, *, quick: bool = False, seed: int = 0) -> DemoResult:
+def main(
+    out_dir: Path, *, quick: bool = False, seed: int = 0, threads: int | None = 1
+) -> DemoResult:
     """Run the demo and print its table (the ``mergekit-aim demo`` command)."""
-    result = run_demo(out_dir, quick=quick, seed=seed)
+    result = run_demo(out_dir, quick=quick, seed=seed, threads=threads)
     print(_report(result))
     print(f"Wrote {out_dir / 'results.md'} and {out_dir / 'results.json'}.")
     return result

@@ -40,15 +40,17 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
 
 # Roles are written as plain text markers so that rendering a conversation
-# needs nothing beyond the four special tokens.
+# needs nothing beyond the four special tokens. Like Llama's templates it
+# places BOS itself: rendered chats are tokenized without special tokens.
 CHAT_TEMPLATE = (
+    "{{ bos_token }}"
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 
-_MAX_POSITIONS = 1024
+_MAX_POSITIONS = 2048
 
 
 # --------------------------------------------------------------------------
@@ -128,7 +130,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Any:
     Ids 0–3 are ``<pad> <s> </s> <unk>``. Encoding prepends ``<s>`` (a
     template post-processor), so ``tokenizer(text)["input_ids"][0] == BOS_ID``
     without ``add_special_tokens=False``. A Jinja ``chat_template`` renders
-    ``messages`` as ``<|role|>`` lines closed by ``</s>``. Byte-level BPE is
+    ``messages`` as ``<s>`` then ``<|role|>`` lines closed by ``</s>``. Byte-level BPE is
     what transformers 5 rebuilds for Qwen2/GPT-2 checkpoints from the saved
     vocabulary and merges, so text encodes sensibly whichever tokenizer class
     a family's loader picks.

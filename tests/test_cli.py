@@ -191,3 +191,45 @@ def test_yaml_subcommand_runs_mergekit(artifact, tiny_family, tmp_path):
     result = run("yaml", config, tmp_path / "out")
     assert "AIM coverage" in result.stderr
     assert "- aim" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_torchrun_data_parallel_equals_single_process(
+    artifact, tiny_family, text_file, tmp_path
+):
+    family = tiny_family("llama")
+    out = tmp_path / "ddp.safetensors"
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    result = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "mergekit_aim",
+            "calibrate",
+            str(family.base),
+            "-o",
+            str(out),
+            "--dataset",
+            str(text_file),
+            "--num-samples",
+            "48",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "4",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    single = ImportanceMap.load(artifact)
+    sharded = ImportanceMap.load(out)
+    assert set(single) == set(sharded)
+    for name in single:
+        torch.testing.assert_close(sharded[name], single[name], rtol=1e-5, atol=1e-4)
+        assert sharded.count(name) == single.count(name)
+    assert sharded.provenance["data_fingerprint"] == single.provenance["data_fingerprint"]
