@@ -232,4 +232,6 @@ def test_torchrun_data_parallel_equals_single_process(
     for name in single:
         torch.testing.assert_close(sharded[name], single[name], rtol=1e-5, atol=1e-4)
         assert sharded.count(name) == single.count(name)
-    assert sharded.provenance["data_fingerprint"] == single.provenance["data_fingerprint"]
+    assert (
+        sharded.provenance["data_fingerprint"] == single.provenance["data_fingerprint"]
+    )

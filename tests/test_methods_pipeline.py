@@ -8,11 +8,10 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from test_method import METHODS, PAIRWISE, reference
 
 from mergekit_aim.calibration.collect import collect_importance
 from mergekit_aim.checkpoint import read_checkpoint
-
-from test_method import METHODS, PAIRWISE, reference
 
 PARAMETERS = {"weight": 0.6, "density": 0.7, "t": 0.3}
 
