@@ -152,6 +152,93 @@ def relax(
         )
 
 
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option(
+    "--eval",
+    "evals",
+    multiple=True,
+    required=True,
+    metavar="NAME=FILE",
+    help="held-out eval set (repeatable): .txt (documents separated by blank "
+    "lines) or .jsonl (a 'text' field per line)",
+)
+@click.option(
+    "--omega",
+    "omegas",
+    default="0,0.2,0.4,0.6,0.8,1.0",
+    show_default=True,
+    help="comma-separated candidate ω in [0, 1]; 1 (the plain merge) is always added",
+)
+@click.option(
+    "--importance",
+    default=None,
+    help="importance artifact (path or Hub repo); needed when CONFIG has no aim: "
+    "block, and replaces the block's importance/calibration when given",
+)
+@click.option(
+    "--split-attention-mlp",
+    is_flag=True,
+    help="tune two ω: one for MLP weights, one for all other relaxed weights "
+    "(attention, norms, LM head); the grid is every pair of --omega values",
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="for evaluation, the plain merge's arithmetic and calibration",
+)
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    help="evaluation dtype (auto: float32 on CPU, the checkpoint's elsewhere)",
+)
+@click.option("--seq-len", default=512, show_default=True, type=int)
+@click.option("--batch-size", default=4, show_default=True, type=int)
+@click.option("--random-seed", default=None, type=int, help="for the plain merge")
+@click.option("--quiet", "-q", is_flag=True, help="only the table and errors")
+@click.option("--verbose", "-v", count=True)
+@click.argument("out", type=click.Path(file_okay=False))
+def tune(
+    config: str,
+    evals: tuple[str, ...],
+    omegas: str,
+    out: str,
+    quiet: bool,
+    verbose: int,
+    **settings,
+) -> None:
+    """Merge CONFIG once without AIM, pick ω by held-out loss, write it to OUT.
+
+    Every candidate is the plain merge relaxed at that ω (in memory), scored by
+    mean token NLL on each --eval set. The pick minimises the mean over eval
+    sets of (L(ω) − L_base) / L_base; ties go to the larger ω. CONFIG's aim:
+    block supplies the importance (or calibration, cached) and exclude; its
+    omega is ignored. OUT gets the chosen model, aim_tune.json and aim_tune.md.
+    """
+    from mergekit_aim.errors import AimConfigError
+    from mergekit_aim.tune import parse_eval_spec, parse_omegas
+    from mergekit_aim.tune import tune as run_tune
+
+    _setup_logging(quiet, verbose)
+    files: dict[str, Path] = {}
+    for spec in evals:
+        name, path = parse_eval_spec(spec)
+        if name in files:
+            raise AimConfigError(f"--eval: the name {name!r} is given twice")
+        files[name] = path
+    result = run_tune(
+        config, files, Path(out), omegas=parse_omegas(omegas), quiet=quiet, **settings
+    )
+    click.echo(result.to_markdown())
+    click.echo(
+        f"wrote {out} (ω {result.chosen.label()}), {Path(out) / 'aim_tune.json'} "
+        f"and {Path(out) / 'aim_tune.md'}"
+    )
+
+
 @main.command(
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
     add_help_option=False,
