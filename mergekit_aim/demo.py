@@ -147,7 +147,7 @@ class DemoResult:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     # Saving and loading a dozen tiny checkpoints would print a dozen progress
     # bars between the log lines; restore the caller's setting afterwards.
     from transformers.utils import logging as hf_logging
@@ -162,7 +162,7 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
+def torch_threads(threads: int | None) -> Iterator[None]:
     # The demo's matrices are too small to gain much from a second thread,
     # and on a machine whose cores are busy (tests running beside it) OpenMP
     # threads spin-waiting on each other made every step ~20x slower.
@@ -179,8 +179,11 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-class _Stopwatch:
-    def __init__(self) -> None:
+class Stopwatch:
+    """Times named steps (``with watch("step"):``) into ``timings`` and logs them."""
+
+    def __init__(self, label: str = "demo") -> None:
+        self.label = label
         self.timings: dict[str, float] = {}
 
     @contextlib.contextmanager
@@ -188,10 +191,10 @@ class _Stopwatch:
         start = time.perf_counter()
         yield
         self.timings[step] = round(time.perf_counter() - start, 2)
-        LOG.info("demo: %s done in %.1f s", step, self.timings[step])
+        LOG.info("%s: %s done in %.1f s", self.label, step, self.timings[step])
 
 
-def _texts(domain: str, split: str, budget: int, seed: int) -> list[str]:
+def builtin_sample(domain: str, split: str, budget: int, seed: int) -> list[str]:
     """A seeded random sample of ``domain`` documents of ``split``, about
     ``budget`` characters in all (the whole corpus would take minutes to
     train on and to score)."""
@@ -230,15 +233,16 @@ def _merge_config(
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def _run_merge(config_text: str, out: Path) -> Path:
-    """Merge in-process exactly as ``mergekit-yaml`` would (plugin included)."""
+def run_merge_yaml(config_text: str, out: Path, *, seed: int = 0) -> Path:
+    """Merge in-process exactly as ``mergekit-yaml`` would (plugin included);
+    ``seed`` is mergekit's ``--random-seed`` (DARE's drop masks)."""
     import yaml
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
     config = MergeConfiguration.model_validate(yaml.safe_load(config_text))
-    options = MergeOptions(copy_tokenizer=True, quiet=True, random_seed=0)
+    options = MergeOptions(copy_tokenizer=True, quiet=True, random_seed=seed)
     run_merge(config, str(out), options=options, config_source=config_text)
     return out
 
@@ -267,17 +271,19 @@ def run_demo(
     out_dir = Path(out_dir)
     models_dir, configs_dir = out_dir / "models", out_dir / "configs"
     configs_dir.mkdir(parents=True, exist_ok=True)
-    watch = _Stopwatch()
+    watch = Stopwatch()
     start = time.perf_counter()
     paths: dict[str, Path] = {}
 
-    with _quiet_transformers(), _torch_threads(threads):
+    with quiet_transformers(), torch_threads(threads):
         with watch("tokenizer"):
             train_text = {
-                d: _texts(d, "train", settings.train_chars, seed) for d in DOMAINS
+                d: builtin_sample(d, "train", settings.train_chars, seed)
+                for d in DOMAINS
             }
             heldout_text = {
-                d: _texts(d, "heldout", settings.heldout_chars, seed) for d in DOMAINS
+                d: builtin_sample(d, "heldout", settings.heldout_chars, seed)
+                for d in DOMAINS
             }
             # Interleave domains so the mixed base sees all three from the start.
             mixed = [
@@ -351,7 +357,7 @@ def run_demo(
             with watch(f"{name} merge"):
                 text = _merge_config(paths[BASE], experts, settings.density, artifact)
                 (configs_dir / f"{name}.yml").write_text(text)
-                paths[row] = _run_merge(text, models_dir / name)
+                paths[row] = run_merge_yaml(text, models_dir / name)
 
         table: dict[str, dict[str, float]] = {}
         with watch("evaluation"):

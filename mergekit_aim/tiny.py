@@ -124,7 +124,9 @@ def generate_sentences(count: int, seed: int = 0) -> list[str]:
 # Tokenizer
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Any:
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 1024, *, split_digits: bool = False
+) -> Any:
     """Train a byte-level BPE tokenizer and wrap it as a fast HF tokenizer.
 
     Ids 0–3 are ``<pad> <s> </s> <unk>``. Encoding prepends ``<s>`` (a
@@ -133,7 +135,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Any:
     ``messages`` as ``<s>`` then ``<|role|>`` lines closed by ``</s>``. Byte-level BPE is
     what transformers 5 rebuilds for Qwen2/GPT-2 checkpoints from the saved
     vocabulary and merges, so text encodes sensibly whichever tokenizer class
-    a family's loader picks.
+    a family's loader picks. With ``split_digits`` every digit is its own
+    token (numbers are never merged), which makes arithmetic learnable for
+    tiny models.
     """
     from tokenizers import (
         Tokenizer,
@@ -146,7 +150,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        core.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
+    else:
+        core.pre_tokenizer = byte_level
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -1,0 +1,188 @@
+"""Merges through mergekit, and AIM and its controls applied to them in memory.
+
+Every merge is run once, plainly, by mergekit's own pipeline
+(``run_merge`` with a ``MergeConfiguration``). AIM's output is exactly the
+relaxation of the plain output (tested in ``tests/test_methods_pipeline.py``),
+so AIM at any ω and both controls are computed from that one plain merge:
+
+* ``aim``: :func:`mergekit_aim.relax.apply_aim` with the base's artifact.
+* ``uniform``: every relaxed tensor's delta scaled by one number, the mean
+  over the tensor of AIM's per-element factor ``1 − s·(1 − ω)``. Same overall
+  shrinkage as AIM, no activation information.
+* ``permuted``: AIM with each tensor's importance vector randomly permuted:
+  the same distribution of factors, assigned to the wrong channels.
+
+Both controls call :func:`mergekit_aim.kernels.aim_relax` (a constant
+statistic makes ``s = 1`` everywhere, so ``ω' = f`` scales the delta by
+``f``; the factors themselves are read off the kernel), so the formula stays
+in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergekit_aim.importance import ImportanceMap
+
+LOG = logging.getLogger(__name__)
+
+METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear")
+DARE = ("dare_ties", "dare_linear")
+WEIGHTINGS = ("1", "1/k")
+VARIANTS = ("plain", "aim", "uniform", "permuted", "tuned")
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """One merge of the grid: method, expert set, expert weighting and seed."""
+
+    method: str
+    experts: tuple[str, ...]
+    weights: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        weights = "w1" if self.weights == "1" else "w1k"
+        return f"{self.method}-{'+'.join(self.experts)}-{weights}-s{self.seed}"
+
+    def weight(self) -> float:
+        return 1.0 if self.weights == "1" else 1.0 / len(self.experts)
+
+
+def merge_grid(
+    expert_sets: Sequence[tuple[str, ...]], dare_seeds: Sequence[int]
+) -> list[MergeSpec]:
+    """Every method × expert set × weighting; DARE methods once per seed."""
+    return [
+        MergeSpec(method, experts, weights, seed)
+        for experts in expert_sets
+        for weights in WEIGHTINGS
+        for method in METHODS
+        for seed in (dare_seeds if method in DARE else (0,))
+    ]
+
+
+def merge_config(
+    spec: MergeSpec, base: Path, experts: Mapping[str, Path], density: float
+) -> dict:
+    """The mergekit configuration of ``spec`` (float32, methods' own defaults)."""
+    parameters: dict[str, float] = {"weight": spec.weight()}
+    if spec.method != "task_arithmetic":
+        parameters["density"] = density
+    return {
+        "merge_method": spec.method,
+        "base_model": str(base),
+        "models": [
+            {"model": str(experts[e]), "parameters": dict(parameters)}
+            for e in spec.experts
+        ],
+        "dtype": "float32",
+    }
+
+
+def run_plain_merge(
+    spec: MergeSpec,
+    base: Path,
+    experts: Mapping[str, Path],
+    density: float,
+    out_root: Path,
+) -> Path:
+    """Merge ``spec`` with mergekit into ``out_root/<name>`` (reused if present)."""
+    import yaml
+
+    from mergekit_aim.demo import run_merge_yaml
+
+    out = Path(out_root) / spec.name
+    if (out / "model.safetensors").exists():
+        return out
+    text = yaml.safe_dump(merge_config(spec, base, experts, density), sort_keys=False)
+    run_merge_yaml(text, out, seed=spec.seed)
+    (out / "mergekit_config.yml").write_text(text)
+    return out
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(shard))
+    return state
+
+
+def aim_state(
+    base: Mapping[str, torch.Tensor],
+    merged: Mapping[str, torch.Tensor],
+    importance: ImportanceMap,
+    omega: float,
+) -> dict[str, torch.Tensor]:
+    from mergekit_aim.relax import apply_aim
+
+    return apply_aim(base, merged, importance, omega)
+
+
+def aim_factors(importance: ImportanceMap, name: str, omega: float) -> torch.Tensor:
+    """AIM's per-input-channel factor ``1 − s·(1 − ω)`` for tensor ``name``,
+    read off the kernel (base 0, merged 1)."""
+    from mergekit_aim.kernels import aim_relax
+
+    stat = importance[name]
+    ones = torch.ones(1, stat.numel())
+    return aim_relax(torch.zeros_like(ones), ones, stat, omega, input_axis=-1)[0]
+
+
+def uniform_state(
+    base: Mapping[str, torch.Tensor],
+    merged: Mapping[str, torch.Tensor],
+    importance: ImportanceMap,
+    omega: float,
+) -> dict[str, torch.Tensor]:
+    """Each relaxed tensor's delta scaled by AIM's mean factor over the tensor."""
+    from mergekit_aim.kernels import aim_relax
+
+    out = dict(merged)
+    for name in importance:
+        factor = float(aim_factors(importance, name, omega).mean())
+        constant = torch.ones_like(importance[name])
+        out[name] = aim_relax(
+            base[name],
+            merged[name],
+            constant,
+            factor,
+            input_axis=importance.input_axis(name),
+        )
+    return out
+
+
+def permuted_state(
+    base: Mapping[str, torch.Tensor],
+    merged: Mapping[str, torch.Tensor],
+    importance: ImportanceMap,
+    omega: float,
+    *,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """AIM with each tensor's statistic randomly permuted (seeded per tensor)."""
+    from mergekit_aim.kernels import aim_relax
+
+    out = dict(merged)
+    for name in importance:
+        stat = importance[name]
+        digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:7], "big"))
+        permuted = stat[torch.randperm(stat.numel(), generator=generator)]
+        out[name] = aim_relax(
+            base[name],
+            merged[name],
+            permuted,
+            omega,
+            input_axis=importance.input_axis(name),
+        )
+    return out

@@ -1,0 +1,571 @@
+"""Tables, hypervolumes and the Pareto plot of one benchmark run.
+
+Everything here works on the ``results`` rows the runner writes (plain
+dicts, as in ``results.json``), so a report can be rebuilt from the JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.quality.metrics import (
+    hypervolume,
+    mean,
+    normalized_scores,
+    pareto_front,
+    relative_change,
+)
+from benchmarks.quality.tasks import EXPERT_TASKS, TASKS
+
+HIGHER_IS_BETTER = {"code": False, "math": True, "instructions": True, "general": False}
+LABELS = {
+    "code": "code loss",
+    "math": "math EM",
+    "instructions": "instr. EM",
+    "general": "general loss",
+}
+CONTROLS = ("aim", "uniform", "permuted", "tuned")
+SHORT = {
+    "task_arithmetic": "TA",
+    "ties": "TIES",
+    "dare_ties": "DARE-TIES",
+    "dare_linear": "DARE-linear",
+}
+
+
+def set_name(experts: Sequence[str]) -> str:
+    return "+".join(experts)
+
+
+def objectives(experts: Sequence[str]) -> tuple[str, ...]:
+    """The normalized-score axes of an expert set: its tasks, then general."""
+    return (*experts, "general")
+
+
+def references(rows: Sequence[Mapping[str, Any]]) -> tuple[dict, dict]:
+    """(base metrics, {task: that task's expert's metrics}) from the rows."""
+    base = next(r["metrics"] for r in rows if r["variant"] == "base")
+    experts = {r["experts"][0]: r["metrics"] for r in rows if r["variant"] == "expert"}
+    return base, experts
+
+
+def with_scores(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with ``scores``: normalized task scores (see
+    :func:`~benchmarks.quality.metrics.normalized_scores`)."""
+    base, experts = references(rows)
+    out = []
+    for row in rows:
+        row = dict(row)
+        row["scores"] = normalized_scores(row["metrics"], base, experts, TASKS)
+        out.append(row)
+    return out
+
+
+def merge_key(row: Mapping[str, Any]) -> tuple:
+    return (set_name(row["experts"]), row["method"], row["weights"], row["seed"])
+
+
+def paired(
+    rows: Sequence[Mapping[str, Any]], variant: str, omega: float | None = None
+) -> list[tuple[Mapping[str, Any], Mapping[str, Any]]]:
+    """(plain row, ``variant`` row) pairs of the same merge."""
+    plain = {merge_key(r): r for r in rows if r["variant"] == "plain"}
+    pairs = []
+    for row in rows:
+        if row["variant"] != variant:
+            continue
+        if omega is not None and not math.isclose(row["omega"], omega):
+            continue
+        if merge_key(row) in plain:
+            pairs.append((plain[merge_key(row)], row))
+    return pairs
+
+
+def _fmt_pct(value: float) -> str:
+    return "n/a" if not math.isfinite(value) else f"{100 * value:+.1f}%"
+
+
+def _fmt_metric(task: str, value: float) -> str:
+    return f"{100 * value:.1f}" if task in ("math", "instructions") else f"{value:.3f}"
+
+
+def _table(header: Sequence[str], body: Iterable[Sequence[str]], right: int) -> str:
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] * (len(header) - right) + ["---:"] * right) + "|",
+    ]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def _grouped(pairs, *, by_seed: bool = False):
+    """Pairs grouped by (set, method, weights), DARE seeds pooled."""
+    groups = defaultdict(list)
+    for plain, other in pairs:
+        key = (set_name(plain["experts"]), plain["method"], plain["weights"])
+        groups[key].append((plain, other))
+    return dict(sorted(groups.items(), key=lambda kv: _order(kv[0])))
+
+
+def _order(key):
+    experts, method, weights = key
+    return (experts.count("+"), experts, list(SHORT).index(method), weights)
+
+
+def relative_change_table(
+    rows: Sequence[Mapping[str, Any]], omega: float, variant: str = "aim"
+) -> str:
+    """The paper's table: % change of each task metric, ``variant`` vs plain,
+    per expert set × method × weighting (DARE seeds averaged first).
+    Positive means better (higher accuracy, lower loss)."""
+    body = []
+    pairs = paired(rows, variant, omega if variant != "tuned" else None)
+    for (experts, method, weights), group in _grouped(pairs).items():
+        cells = [experts, SHORT[method], weights]
+        for task in TASKS:
+            plain = mean([p["metrics"][task] for p, _ in group])
+            other = mean([o["metrics"][task] for _, o in group])
+            cells.append(
+                _fmt_pct(
+                    relative_change(
+                        other, plain, higher_is_better=HIGHER_IS_BETTER[task]
+                    )
+                )
+            )
+        body.append(cells)
+    header = ["experts", "method", "weights", *(LABELS[t] for t in TASKS)]
+    return _table(header, body, len(TASKS))
+
+
+def absolute_table(rows: Sequence[Mapping[str, Any]], omega: float) -> str:
+    """Test metrics of plain / AIM / uniform / permuted / tuned, per merge group.
+
+    Accuracies in %, losses in nats; DARE seeds averaged."""
+    groups = defaultdict(dict)
+    for row in rows:
+        if row["variant"] in ("base", "expert"):
+            continue
+        if row["variant"] in ("aim", "uniform", "permuted") and not math.isclose(
+            row["omega"], omega
+        ):
+            continue
+        key = (set_name(row["experts"]), row["method"], row["weights"])
+        groups[key].setdefault(row["variant"], []).append(row)
+    body = []
+    variants = ("plain", "aim", "uniform", "permuted", "tuned")
+    for key in sorted(groups, key=_order):
+        experts, method, weights = key
+        for variant in variants:
+            members = groups[key].get(variant)
+            if not members:
+                continue
+            cells = [experts, SHORT[method], weights, variant]
+            omegas = sorted({m["omega"] for m in members})
+            cells.append(", ".join(f"{o:g}" for o in omegas))
+            for task in TASKS:
+                cells.append(
+                    _fmt_metric(task, mean([m["metrics"][task] for m in members]))
+                )
+            body.append(cells)
+    header = [
+        "experts",
+        "method",
+        "weights",
+        "variant",
+        "ω",
+        *(LABELS[t] for t in TASKS),
+    ]
+    return _table(header, body, len(TASKS) + 1)
+
+
+def controls_summary(rows: Sequence[Mapping[str, Any]], omega: float) -> str:
+    """Per variant: mean change of normalized task scores over all merges, and
+    how often the variant beats plain / AIM on the merge's mean score."""
+    scored = with_scores(rows)
+    aim = {merge_key(o): o for _, o in paired(scored, "aim", omega)}
+    body = []
+    for variant in CONTROLS:
+        pairs = paired(scored, variant, None if variant == "tuned" else omega)
+        if not pairs:
+            continue
+        cells = [variant, str(len(pairs))]
+        for task in TASKS:
+            deltas = [
+                o["scores"][task] - p["scores"][task]
+                for p, o in pairs
+                if task in objectives(p["experts"])
+            ]
+            cells.append(f"{mean(deltas):+.3f}")
+        overall = [
+            mean([o["scores"][t] for t in objectives(p["experts"])])
+            - mean([p["scores"][t] for t in objectives(p["experts"])])
+            for p, o in pairs
+        ]
+        cells.append(f"{mean(overall):+.3f}")
+        cells.append(f"{sum(d > 0 for d in overall)}/{len(overall)}")
+        if variant == "aim":
+            cells.append("—")
+        else:
+            wins = [
+                mean([o["scores"][t] for t in objectives(p["experts"])])
+                > mean(
+                    [aim[merge_key(o)]["scores"][t] for t in objectives(p["experts"])]
+                )
+                for p, o in pairs
+                if merge_key(o) in aim
+            ]
+            cells.append(f"{sum(wins)}/{len(wins)}")
+        body.append(cells)
+    header = [
+        "variant",
+        "merges",
+        *(f"Δ {t}" for t in TASKS),
+        "Δ mean",
+        "beats plain",
+        "beats AIM",
+    ]
+    return _table(header, body, len(header) - 1)
+
+
+def hypervolumes(
+    rows: Sequence[Mapping[str, Any]], omega: float
+) -> dict[str, dict[str, float]]:
+    """Per expert set and variant: hypervolume of all its merges' points in the
+    normalized space of the set's objectives, reference point 0 (the base on
+    expert tasks, the most forgetful expert on general)."""
+    scored = with_scores(rows)
+    out: dict[str, dict[str, float]] = {}
+    sets = sorted(
+        {tuple(r["experts"]) for r in scored if r["variant"] == "plain"},
+        key=lambda e: (len(e), e),
+    )
+    for experts in sets:
+        axes = objectives(experts)
+        reference = [0.0] * len(axes)
+        volumes = {}
+        for variant in ("plain", *CONTROLS):
+            points = [
+                [r["scores"][t] for t in axes]
+                for r in scored
+                if tuple(r["experts"]) == experts
+                and r["variant"] == variant
+                and (variant in ("plain", "tuned") or math.isclose(r["omega"], omega))
+            ]
+            if points:
+                volumes[variant] = hypervolume(points, reference)
+        out[set_name(experts)] = volumes
+    return out
+
+
+def hypervolume_table(volumes: Mapping[str, Mapping[str, float]]) -> str:
+    body = []
+    for experts, values in volumes.items():
+        plain = values["plain"]
+        cells = [experts, f"{plain:.4f}"]
+        for variant in CONTROLS:
+            value = values.get(variant)
+            if value is None:
+                cells.append("—")
+                continue
+            gain = (value - plain) / plain if plain else float("nan")
+            cells.append(f"{value:.4f} ({_fmt_pct(gain)})")
+        body.append(cells)
+    header = ["experts", "plain", *(f"{v} (gain)" for v in CONTROLS)]
+    return _table(header, body, len(header) - 1)
+
+
+def sweep_table(rows: Sequence[Mapping[str, Any]], experts: Sequence[str]) -> str:
+    """Mean normalized score per task over every merge of ``experts`` at each ω
+    (ω = 1 is the plain merge)."""
+    scored = with_scores(rows)
+    by_omega = defaultdict(list)
+    for row in scored:
+        if tuple(row["experts"]) != tuple(experts):
+            continue
+        if row["variant"] == "plain":
+            by_omega[1.0].append(row)
+        elif row["variant"] == "aim":
+            by_omega[row["omega"]].append(row)
+    axes = objectives(experts)
+    body = []
+    for omega in sorted(by_omega):
+        group = by_omega[omega]
+        cells = [f"{omega:g}", str(len(group))]
+        for task in axes:
+            cells.append(f"{mean([r['scores'][task] for r in group]):.3f}")
+        cells.append(
+            f"{mean([mean([r['scores'][t] for t in axes]) for r in group]):.3f}"
+        )
+        for task in TASKS:
+            cells.append(_fmt_metric(task, mean([r["metrics"][task] for r in group])))
+        body.append(cells)
+    header = [
+        "ω",
+        "merges",
+        *(f"score {t}" for t in axes),
+        "score mean",
+        *(LABELS[t] for t in TASKS),
+    ]
+    return _table(header, body, len(header) - 1)
+
+
+def references_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    body = []
+    for row in rows:
+        if row["variant"] not in ("base", "expert"):
+            continue
+        name = "base" if row["variant"] == "base" else f"expert: {row['experts'][0]}"
+        body.append([name, *(_fmt_metric(t, row["metrics"][t]) for t in TASKS)])
+    return _table(["model", *(LABELS[t] for t in TASKS)], body, len(TASKS))
+
+
+def tuned_summary(rows: Sequence[Mapping[str, Any]]) -> str:
+    counts = defaultdict(int)
+    for row in rows:
+        if row["variant"] == "tuned":
+            counts[row["omega"]] += 1
+    if not counts:
+        return "No tuned rows (mergekit_aim.tune was not available)."
+    parts = [f"ω={k:g}: {v}" for k, v in sorted(counts.items())]
+    return "ω chosen on the validation split: " + ", ".join(parts) + "."
+
+
+# --- plot --------------------------------------------------------------------------
+
+_STYLE = {
+    "plain": dict(marker="o", color="tab:gray"),
+    "aim": dict(marker="^", color="tab:red"),
+    "uniform": dict(marker="s", color="tab:blue"),
+    "permuted": dict(marker="x", color="tab:green"),
+    "tuned": dict(marker="*", color="tab:purple"),
+}
+
+
+def pareto_plot(rows: Sequence[Mapping[str, Any]], omega: float, path: Path) -> Path:
+    """One panel per expert set: x = mean normalized score on the set's tasks,
+    y = normalized general score; lines join plain to AIM of the same merge;
+    dashed lines are each variant's Pareto front in this 2-D projection. A
+    last panel shows the ω sweep of the triple."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = with_scores(rows)
+    sets = sorted(
+        {tuple(r["experts"]) for r in scored if r["variant"] == "plain"},
+        key=lambda e: (len(e), e),
+    )
+    panels = len(sets) + 1
+    cols = 3
+    rows_n = math.ceil(panels / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 4.3 * rows_n))
+    axes = list(axes.flat)
+
+    def xy(row, experts):
+        return (
+            mean([row["scores"][t] for t in experts]),
+            row["scores"]["general"],
+        )
+
+    for ax, experts in zip(axes, sets):
+        members = [r for r in scored if tuple(r["experts"]) == experts]
+        plain = {merge_key(r): r for r in members if r["variant"] == "plain"}
+        for variant, style in _STYLE.items():
+            chosen = [
+                r
+                for r in members
+                if r["variant"] == variant
+                and (variant in ("plain", "tuned") or math.isclose(r["omega"], omega))
+            ]
+            if not chosen:
+                continue
+            points = [xy(r, experts) for r in chosen]
+            ax.scatter(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                label=variant
+                if variant in ("plain", "tuned")
+                else f"{variant} ω={omega:g}",
+                alpha=0.8,
+                s=28,
+                **style,
+            )
+            front = sorted(points[i] for i in pareto_front(points))
+            ax.plot(
+                [p[0] for p in front],
+                [p[1] for p in front],
+                linestyle="--",
+                color=style["color"],
+                linewidth=1,
+            )
+            if variant == "aim":
+                for r in chosen:
+                    p = plain.get(merge_key(r))
+                    if p is not None:
+                        (x0, y0), (x1, y1) = xy(p, experts), xy(r, experts)
+                        ax.plot([x0, x1], [y0, y1], color="tab:red", alpha=0.25)
+        ax.set_title(set_name(experts))
+        ax.set_xlabel("mean normalized task score (0 base, 1 expert)")
+        ax.set_ylabel("general score (1 base, 0 worst expert)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+
+    ax = axes[len(sets)]
+    triple = max(sets, key=len)
+    members = [r for r in scored if tuple(r["experts"]) == triple]
+    for method in SHORT:
+        curve = defaultdict(list)
+        for r in members:
+            if r["method"] != method:
+                continue
+            if r["variant"] == "plain":
+                curve[1.0].append(xy(r, triple))
+            elif r["variant"] == "aim":
+                curve[r["omega"]].append(xy(r, triple))
+        if not curve:
+            continue
+        omegas = sorted(curve)
+        xs = [mean([p[0] for p in curve[o]]) for o in omegas]
+        ys = [mean([p[1] for p in curve[o]]) for o in omegas]
+        ax.plot(xs, ys, marker="o", label=SHORT[method])
+        ax.annotate("ω=0", (xs[0], ys[0]), fontsize=7)
+        ax.annotate("ω=1", (xs[-1], ys[-1]), fontsize=7)
+    ax.set_title(f"ω sweep, {set_name(triple)} (mean over weightings, seeds)")
+    ax.set_xlabel("mean normalized task score")
+    ax.set_ylabel("general score")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    for ax in axes[panels:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = [
+    "EXPERT_TASKS",
+    "absolute_table",
+    "controls_summary",
+    "hypervolume_table",
+    "hypervolumes",
+    "pareto_plot",
+    "references_table",
+    "relative_change_table",
+    "sweep_table",
+    "tuned_summary",
+    "with_scores",
+]
+
+
+def markdown(document: Mapping[str, Any]) -> str:
+    """The whole report of one run (``quality.md``)."""
+    rows = document["results"]
+    s = document["settings"]
+    omega = s["omega"]
+    volumes = hypervolumes(rows, omega)
+    triple = max((tuple(r["experts"]) for r in rows), key=len)
+    checks = document.get("greedy_check", {})
+    agree = sum(v[0] for v in checks.values())
+    total = sum(v[1] for v in checks.values())
+    timings = document.get("timings", {})
+    merge_seconds = sum(v for k, v in timings.items() if k.startswith("merge "))
+    run = "quick" if document.get("quick") else "full"
+    parts = [
+        f"# Quality benchmark ({run} run)",
+        "",
+        "Written by `python -m benchmarks.quality"
+        + (" --quick" if document.get("quick") else "")
+        + "`. Every number below comes from this one run.",
+        "",
+        "## Setup",
+        "",
+        f"* Base: Llama, {s['num_layers']} layers, hidden {s['hidden_size']}, "
+        f"vocabulary {s['vocab_size']} (byte-level BPE, digits split), trained from "
+        f"scratch for {s['base_steps']} steps (batch {s['batch_size']} × "
+        f"{s['seq_len']} tokens) on `builtin`'s mixed prose/code/math training split.",
+        f"* Experts, each fine-tuned from the base for {s['expert_steps']} steps "
+        f"(lr {s['expert_lr']:g}): **code** (`builtin` code), **math** (two-digit "
+        "addition and subtraction, bare and as word problems), **instructions** "
+        "(reverse / uppercase / sort / count / largest over 3–5 spaced characters).",
+        f"* Metrics on the test split: exact match (%) of the greedy answer on "
+        f"{s['test_items']} math and {s['test_items']} instruction items; held-out "
+        f"loss (nats/token) on ~{s['heldout_chars'] // 1000}k characters of `builtin` "
+        "code and of prose (*general*: only the base was trained on prose).",
+        "  Exact match is computed in one teacher-forced pass, which equals greedy "
+        f"decoding's verdict; real greedy decoding agreed on {agree}/{total} "
+        "checked items.",
+        f"* AIM: the base calibrated on `builtin` ({s['calibration_samples']} texts "
+        f"× 512 tokens, task-agnostic), ω = {omega:g}. Controls at the same ω: "
+        "**uniform** (each tensor's delta scaled by the mean of AIM's factors "
+        "over that tensor) and **permuted** (AIM with each tensor's importance "
+        "vector randomly permuted). **tuned**: ω chosen per merge by "
+        "`mergekit_aim.tune.tune_merged` (validation split: held-out items and "
+        "texts disjoint from the test split) from "
+        f"{{{', '.join(f'{o:g}' for o in s['tune_omegas'])}}}.",
+        "* Merges: every pair and the triple, with task_arithmetic, TIES, "
+        f"DARE-TIES and DARE-linear (density {s['density']:g}; DARE over seeds "
+        f"{', '.join(str(x) for x in s['dare_seeds'])}), expert weights 1 each and "
+        "1/k each, through mergekit's `run_merge`; TIES normalizes by the weights, "
+        "so its two weightings coincide.",
+        "* Normalized scores: on an expert task 0 = base, 1 = that task's expert; "
+        "on general 1 = base, 0 = the most forgetful expert. Hypervolume is taken "
+        "over all merges of an expert set in the space of its tasks and general, "
+        "**reference point 0 in every coordinate**.",
+        "",
+        "## Reference models",
+        "",
+        references_table(rows),
+        "",
+        "## Hypervolume (gain vs plain)",
+        "",
+        hypervolume_table(volumes),
+        "",
+        "## AIM and the controls, over all merges",
+        "",
+        "Mean change of the normalized score (variant − plain) per task, over the "
+        "merges whose expert set includes that task (general: all); *Δ mean* is "
+        "the change of the mean over the set's objectives; *beats* counts merges "
+        "whose mean score is higher.",
+        "",
+        controls_summary(rows, omega),
+        "",
+        tuned_summary(rows),
+        "",
+        f"## Relative change, AIM (ω = {omega:g}) vs plain",
+        "",
+        "Per task, % change of the metric (DARE seeds averaged first); positive "
+        "= AIM better (higher accuracy, lower loss); n/a where the plain merge "
+        "scores 0.",
+        "",
+        relative_change_table(rows, omega),
+        "",
+        "## Relative change, tuned ω vs plain",
+        "",
+        relative_change_table(rows, omega, variant="tuned"),
+        "",
+        f"## ω sweep, {set_name(triple)}",
+        "",
+        "All merges of the triple (methods, weightings, seeds) at each ω; "
+        "ω = 1 is the plain merge.",
+        "",
+        sweep_table(rows, triple),
+        "",
+        "## All merges (test metrics)",
+        "",
+        absolute_table(rows, omega),
+        "",
+        "![Pareto plot](quality.png)",
+        "",
+        f"Run time: {document['seconds']:.0f} s ({merge_seconds:.0f} s merging, "
+        "relaxing and scoring); "
+        f"torch {document['machine']['torch']}, "
+        f"{document['machine']['threads']} thread(s).",
+        "",
+    ]
+    return "\n".join(parts)

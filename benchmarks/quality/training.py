@@ -1,0 +1,286 @@
+"""The benchmark's models: a base trained from scratch and three experts.
+
+The base is a small Llama trained on ``builtin``'s mixed training split
+(prose, code, math, interleaved). Each expert is the base fine-tuned on one
+task only: ``code`` on ``builtin`` code, ``math`` on generated arithmetic
+items, ``instructions`` on generated instruction items. The base is then
+calibrated on ``builtin`` (task-agnostic; the paper's protocol with the
+offline corpus). Everything is cached under a directory named by a hash of
+the settings and the corpus fingerprint, so a second run only merges and
+scores.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.quality import tasks
+from benchmarks.quality.tasks import Item, ItemSplits
+
+LOG = logging.getLogger(__name__)
+
+# Bump when training or data rules change: cached models are then rebuilt.
+_CACHE_VERSION = 1
+CALIBRATION_SEED = 42
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Model size, training budget, data sizes and merge grid of one run."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    seq_len: int
+    batch_size: int
+    base_steps: int
+    base_lr: float
+    base_chars: int
+    expert_steps: int
+    expert_lr: float
+    code_chars: int
+    train_items: int
+    validation_items: int
+    test_items: int
+    heldout_chars: int
+    calibration_samples: int
+    density: float
+    dare_seeds: tuple[int, ...]
+    omega: float
+    sweep_omegas: tuple[float, ...]
+    tune_omegas: tuple[float, ...]
+    greedy_check_items: int
+    seed: int = 0
+
+    def training_key(self) -> str:
+        """Hash of everything that determines the trained models."""
+        from mergekit_aim.calibration.builtin import builtin_fingerprint
+
+        fields = {
+            k: v
+            for k, v in asdict(self).items()
+            if k
+            not in (
+                "validation_items",
+                "test_items",
+                "heldout_chars",
+                "density",
+                "dare_seeds",
+                "omega",
+                "sweep_omegas",
+                "tune_omegas",
+                "greedy_check_items",
+            )
+        }
+        fields["corpus"] = builtin_fingerprint()
+        fields["version"] = _CACHE_VERSION
+        blob = json.dumps(fields, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+OMEGAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+FULL = Settings(
+    vocab_size=1024,
+    hidden_size=128,
+    num_layers=4,
+    seq_len=128,
+    batch_size=16,
+    base_steps=400,
+    base_lr=3e-3,
+    base_chars=600_000,
+    expert_steps=300,
+    expert_lr=1e-3,
+    code_chars=300_000,
+    train_items=6000,
+    validation_items=100,
+    test_items=300,
+    heldout_chars=30_000,
+    calibration_samples=128,
+    density=0.5,
+    dare_seeds=(0, 1, 2),
+    omega=0.4,
+    sweep_omegas=OMEGAS,
+    tune_omegas=OMEGAS,
+    greedy_check_items=40,
+)
+QUICK = Settings(
+    vocab_size=512,
+    hidden_size=64,
+    num_layers=2,
+    seq_len=128,
+    batch_size=16,
+    base_steps=80,
+    base_lr=3e-3,
+    base_chars=150_000,
+    expert_steps=80,
+    expert_lr=2e-3,
+    code_chars=100_000,
+    train_items=2000,
+    validation_items=40,
+    test_items=100,
+    heldout_chars=8_000,
+    calibration_samples=32,
+    density=0.5,
+    dare_seeds=(0,),
+    omega=0.4,
+    sweep_omegas=(0.0, 0.4, 1.0),
+    tune_omegas=(0.0, 0.4, 1.0),
+    greedy_check_items=10,
+)
+
+
+@dataclass
+class TaskData:
+    """Every split of every task (items for exact match, texts for losses)."""
+
+    items: dict[str, ItemSplits]
+    code_train: list[str]
+    base_train: list[str]
+    validation_texts: dict[str, list[str]]
+    test_texts: dict[str, list[str]]
+
+    def train_texts(self, task: str) -> list[str]:
+        if task == "code":
+            return self.code_train
+        return [item.text for item in self.items[task].train]
+
+    def validation(self, task: str) -> list[str]:
+        """Held-out texts of ``task`` for choosing ω (never the test split)."""
+        if task in self.items:
+            return [item.text for item in self.items[task].validation]
+        return self.validation_texts[task]
+
+    def test_items(self, task: str) -> tuple[Item, ...]:
+        return self.items[task].test
+
+
+def build_data(settings: Settings) -> TaskData:
+    """Generate and sample every split; deterministic for the settings."""
+    from mergekit_aim.demo import builtin_sample
+
+    seed = settings.seed
+    split = dict(
+        train=settings.train_items,
+        validation=settings.validation_items,
+        test=settings.test_items,
+    )
+    items = {
+        "math": tasks.item_splits(tasks.math_item, seed=seed + 101, **split),
+        "instructions": tasks.item_splits(
+            tasks.instruction_item, seed=seed + 202, **split
+        ),
+    }
+    per_domain = settings.base_chars // 3
+    base_parts = [
+        builtin_sample(d, "train", per_domain, seed) for d in ("prose", "code", "math")
+    ]
+    # Interleave domains so the base sees all three from the start.
+    base_train = [t for group in itertools.zip_longest(*base_parts) for t in group if t]
+    code_train = builtin_sample("code", "train", settings.code_chars, seed + 1)
+    validation_texts, test_texts = {}, {}
+    for task, domain in (("code", "code"), ("general", "prose")):
+        from mergekit_aim.calibration.builtin import builtin_documents
+
+        heldout = [d.text for d in builtin_documents(domains=[domain], split="heldout")]
+        validation, test = tasks.text_splits(
+            heldout, budget=settings.heldout_chars, seed=seed + 303
+        )
+        validation_texts[task], test_texts[task] = validation, test
+    return TaskData(items, code_train, base_train, validation_texts, test_texts)
+
+
+@dataclass(frozen=True)
+class Models:
+    """Paths of the trained checkpoints and the base's importance artifact."""
+
+    root: Path
+    base: Path
+    experts: dict[str, Path]
+    importance: Path
+    tokenizer: Any
+    log: dict[str, Any]
+
+
+def build_models(settings: Settings, data: TaskData, cache_dir: Path) -> Models:
+    """Train (or load from ``cache_dir``) the base, the experts and the artifact."""
+    from transformers import AutoTokenizer
+
+    import mergekit_aim
+    from mergekit_aim import tiny
+
+    root = Path(cache_dir) / f"models-{settings.training_key()}"
+    experts = {t: root / f"expert_{t}" for t in tasks.EXPERT_TASKS}
+    done = root / "done.json"
+    if done.exists():
+        LOG.info("quality: trained models found in %s", root)
+        return Models(
+            root,
+            root / "base",
+            experts,
+            root / "importance.safetensors",
+            AutoTokenizer.from_pretrained(root / "base"),
+            json.loads(done.read_text()),
+        )
+
+    log: dict[str, Any] = {"settings": asdict(settings)}
+    tokenizer = tiny.train_tokenizer(
+        data.base_train, vocab_size=settings.vocab_size, split_digits=True
+    )
+    train = dict(seq_len=settings.seq_len, batch_size=settings.batch_size)
+    base = tiny.tiny_model(
+        "llama",
+        len(tokenizer),
+        hidden_size=settings.hidden_size,
+        num_layers=settings.num_layers,
+        seed=settings.seed,
+    )
+    losses = tiny.train_causal_lm(
+        base,
+        tokenizer,
+        data.base_train,
+        steps=settings.base_steps,
+        lr=settings.base_lr,
+        seed=settings.seed,
+        **train,
+    )
+    log["base_loss"] = [losses[0], losses[-1]]
+    LOG.info("quality: base loss %.3f -> %.3f", losses[0], losses[-1])
+    tiny.save_checkpoint(base, tokenizer, root / "base")
+    for i, task in enumerate(tasks.EXPERT_TASKS):
+        expert = copy.deepcopy(base)
+        texts = data.train_texts(task)
+        random.Random(settings.seed + i).shuffle(texts)
+        losses = tiny.train_causal_lm(
+            expert,
+            tokenizer,
+            texts,
+            steps=settings.expert_steps,
+            lr=settings.expert_lr,
+            seed=settings.seed + 1 + i,
+            **train,
+        )
+        log[f"{task}_loss"] = [losses[0], losses[-1]]
+        LOG.info("quality: %s expert loss %.3f -> %.3f", task, losses[0], losses[-1])
+        tiny.save_checkpoint(expert, tokenizer, experts[task])
+    imap = mergekit_aim.calibrate(
+        str(root / "base"),
+        tokenizer=tokenizer,
+        dataset="builtin",
+        num_samples=settings.calibration_samples,
+        seq_len=512,
+        seed=CALIBRATION_SEED,
+        batch_size=8,
+        quiet=True,
+    )
+    importance = imap.save(root / "importance.safetensors")
+    done.write_text(json.dumps(log, indent=2))
+    return Models(root, root / "base", experts, importance, tokenizer, log)
