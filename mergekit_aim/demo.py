@@ -5,8 +5,10 @@ small Llama base trained from scratch on mixed text (prose, code, math), and
 two experts fine-tuned from it, one on prose and one on code. The base is
 calibrated on ``builtin``, the experts are merged with TIES through mergekit's
 own pipeline twice (plain, and with an ``aim:`` block), and every model is
-scored by held-out loss on each domain. Math is in no expert's fine-tuning
-data: its column shows how much of what only the base was taught survives.
+scored by held-out loss on each domain (mean token NLL, as ``mergekit-aim
+tune`` scores it: :func:`mergekit_aim.tune.evaluate_loss`). Math is in no
+expert's fine-tuning data: its column shows how much of what only the base was
+taught survives.
 
 The numbers are whatever this run produces; nothing is tuned for AIM. The
 models are tiny and briefly trained, so differences are small and the table is
@@ -266,6 +268,7 @@ def run_demo(
 
     import mergekit_aim
     from mergekit_aim import tiny
+    from mergekit_aim.tune import evaluate_loss
 
     settings = QUICK if quick else FULL
     out_dir = Path(out_dir)
@@ -366,7 +369,9 @@ def run_demo(
                     paths[row], dtype=torch.float32
                 )
                 scores = {
-                    d: tiny.heldout_loss(model, tokenizer, heldout_text[d], **train)
+                    d: evaluate_loss(
+                        model, heldout_text[d], tokenizer=tokenizer, **train
+                    )
                     for d in DOMAINS
                 }
                 scores["mean"] = sum(scores.values()) / len(DOMAINS)
