@@ -28,6 +28,7 @@ candidate values.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -731,33 +732,41 @@ def tune(
 
     created = not out.exists()
     work = out / _WORK_DIR
+    bars = _quiet_progress_bars() if quiet else contextlib.nullcontext()
     try:
-        # Named like ``out``: mergekit titles the model card after the directory.
-        plain = _plain_merge(plain_config, raw, work / out.resolve().name, options)
-        result = tune_merged(
-            session.checkpoint.path,
-            plain,
-            session.importance,
-            texts,
-            sorted({omega for pair in grid for omega in pair}),
-            split_attention_mlp=split_attention_mlp,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            exclude=exclude,
-        )
-        relaxed = _write_chosen(
-            session, plain, result.chosen, out, work, exclude, split_attention_mlp
-        )
-        result.model_dir = out
-        _write_reports(out, plain, result, relaxed, session, config_path, evals)
+        with bars:
+            # Named like ``out``: mergekit titles the model card after the directory.
+            plain = _plain_merge(plain_config, raw, work / out.resolve().name, options)
+            result = tune_merged(
+                session.checkpoint.path,
+                plain,
+                session.importance,
+                texts,
+                sorted({omega for pair in grid for omega in pair}),
+                split_attention_mlp=split_attention_mlp,
+                seq_len=seq_len,
+                batch_size=batch_size,
+                device=device,
+                dtype=dtype,
+                exclude=exclude,
+            )
+            relaxed = _write_chosen(
+                session, plain, result.chosen, out, work, exclude, split_attention_mlp
+            )
+            result.model_dir = out
+            _write_reports(out, plain, result, relaxed, session, config_path, evals)
     except BaseException:
         shutil.rmtree(out if created else work, ignore_errors=True)
         raise
     shutil.rmtree(work, ignore_errors=True)
     LOG.info("tune: wrote %s (ω %s)", out, result.chosen.label())
     return result
+
+
+def _quiet_progress_bars() -> contextlib.AbstractContextManager:
+    from mergekit_aim.demo import quiet_transformers
+
+    return quiet_transformers()
 
 
 def _read_config(path: Path) -> tuple[dict[str, Any], Any]:

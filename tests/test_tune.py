@@ -433,3 +433,32 @@ def test_api_refuses_bad_input_before_writing(family, artifact, data, tmp_path):
     with pytest.raises(AimConfigError, match="not empty"):
         tune(config, stories, busy, importance=str(artifact))
     assert not out.exists() and os.listdir(busy) == ["keep.txt"]
+
+
+def test_tune_calibrates_through_the_cache(family, plain, data, tmp_path):
+    config = tmp_path / "merge.yml"
+    calibration = {"dataset": str(data / "calibration.txt"), "seq_len": 32}
+    aim = {"omega": 0.4, "calibration": {**calibration, "num_samples": 32}}
+    config.write_text(yaml.safe_dump(merge_config(family, aim)))
+    out = tmp_path / "tuned"
+    result = tune(
+        config,
+        {"lines": data / "lines.jsonl"},
+        out,
+        omegas=[0.5],
+        seq_len=SEQ_LEN,
+        batch_size=BATCH,
+        quiet=True,
+    )
+    report = json.loads((out / "aim_tune.json").read_text())
+    artifact = Path(report["importance"]["artifact"])
+    assert artifact.parent == Path(os.environ["MERGEKIT_AIM_CACHE"])
+    assert report["importance"]["source"].startswith("calibrated on")
+    imap = ImportanceMap.load(artifact)
+    base_sd, plain_sd = load_dir(family.base), load_dir(plain)
+    relaxable = {n: t for n, t in plain_sd.items() if n in imap}
+    chosen = result.chosen.omega
+    expected = {**plain_sd, **candidate_tensors(base_sd, relaxable, imap, chosen)}
+    written = load_dir(out)
+    for name, tensor in expected.items():
+        assert torch.equal(written[name], tensor), name
