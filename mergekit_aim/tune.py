@@ -196,7 +196,8 @@ def token_windows(
         raise AimConfigError("texts must be a sequence of strings, not one string")
     windows: list[list[int]] = []
     for text in texts:
-        ids = list(tokenizer(text)["input_ids"])
+        # Long documents are windowed below; the length warning does not apply.
+        ids = list(tokenizer(text, verbose=False)["input_ids"])
         for start in range(0, max(len(ids) - 1, 0), seq_len - 1):
             windows.append(ids[start : start + seq_len])
     if not windows:
@@ -511,7 +512,9 @@ def tune_merged(
     memory (nothing is written to disk). ``base_losses`` (per eval name)
     skips evaluating the base model. ``exclude``: regexes of tensor names to
     leave at the merged value, like ``aim.exclude``. Memory: the model plus
-    float copies of base and merged relaxable tensors on the CPU.
+    CPU copies (storage dtype) of the base and merged relaxable tensors;
+    candidates are relaxed on the CPU, as ``relax_checkpoint`` does, so that
+    the written pick is bit for bit the candidate that was scored.
     """
     from mergekit_aim.checkpoint import read_checkpoint
 
