@@ -132,12 +132,12 @@ def train_tokenizer(
     Ids 0–3 are ``<pad> <s> </s> <unk>``. Encoding prepends ``<s>`` (a
     template post-processor), so ``tokenizer(text)["input_ids"][0] == BOS_ID``
     without ``add_special_tokens=False``. A Jinja ``chat_template`` renders
-    ``messages`` as ``<s>`` then ``<|role|>`` lines closed by ``</s>``. Byte-level BPE is
-    what transformers 5 rebuilds for Qwen2/GPT-2 checkpoints from the saved
-    vocabulary and merges, so text encodes sensibly whichever tokenizer class
-    a family's loader picks. With ``split_digits`` every digit is its own
-    token (numbers are never merged), which makes arithmetic learnable for
-    tiny models.
+    ``messages`` as ``<s>`` then ``<|role|>`` lines closed by ``</s>``.
+    Byte-level BPE is what transformers 5 rebuilds for Qwen2/GPT-2 checkpoints
+    from the saved vocabulary and merges, so text encodes sensibly whichever
+    tokenizer class a family's loader picks. With ``split_digits`` every digit
+    is its own token (numbers are never merged), which makes arithmetic
+    learnable for tiny models.
     """
     from tokenizers import (
         Tokenizer,
@@ -413,7 +413,76 @@ def train_causal_lm(
     if not blocks:
         raise ValueError(f"the texts give fewer than seq_len={seq_len} tokens")
     data = torch.stack(blocks)
+    draw = _shuffled_batches(len(data), batch_size, seed)
+
+    def next_batch() -> dict[str, torch.Tensor]:
+        batch = data[draw()]
+        return {"input_ids": batch, "labels": batch}
+
+    return _train(model, next_batch, steps=steps, lr=lr)
+
+
+def train_completions(
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> list[float]:
+    """Supervised fine-tuning on ``(prompt, completion)`` pairs, in place.
+
+    Each example is ``<s> prompt completion </s>``; only the completion and
+    ``</s>`` are scored (prompt tokens are masked out of the loss, as in
+    instruction tuning). Batches of ``batch_size`` examples are drawn in seeded
+    random order and right-padded; optimizer and schedule as
+    :func:`train_causal_lm`. ``prompt + completion`` must tokenize with the
+    prompt's tokens as a prefix. Returns each step's loss.
+    """
+    rows = []
+    for prompt, completion in pairs:
+        head = tokenizer(prompt)["input_ids"]
+        full = tokenizer(prompt + completion)["input_ids"] + [tokenizer.eos_token_id]
+        if full[: len(head)] != head:
+            raise ValueError(f"prompt {prompt!r} is not a token prefix of its example")
+        rows.append((full, len(head)))
+    if not rows:
+        raise ValueError("no training pairs")
+    draw = _shuffled_batches(len(rows), batch_size, seed)
+
+    def next_batch() -> dict[str, torch.Tensor]:
+        chosen = [rows[i] for i in draw().tolist()]
+        width = max(len(ids) for ids, _ in chosen)
+        input_ids = torch.full((len(chosen), width), tokenizer.pad_token_id)
+        labels = torch.full((len(chosen), width), -100)
+        mask = torch.zeros((len(chosen), width), dtype=torch.long)
+        for i, (ids, start) in enumerate(chosen):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, start : len(ids)] = torch.tensor(ids[start:])
+            mask[i, : len(ids)] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+    return _train(model, next_batch, steps=steps, lr=lr)
+
+
+def _shuffled_batches(size: int, batch_size: int, seed: int) -> Any:
+    """A function returning the next ``batch_size`` indices of seeded epochs."""
     generator = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+
+    def draw() -> torch.Tensor:
+        nonlocal order
+        if order.numel() < batch_size:
+            order = torch.cat([order, torch.randperm(size, generator=generator)])
+        index, order = order[:batch_size], order[batch_size:]
+        return index
+
+    return draw
+
+
+def _train(model: Any, next_batch: Any, *, steps: int, lr: float) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, steps // 10)
@@ -425,17 +494,11 @@ def train_causal_lm(
         return 0.1 + 0.45 * (1.0 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    order = torch.empty(0, dtype=torch.long)
     losses: list[float] = []
     model.train()
     try:
         for _ in range(steps):
-            if order.numel() < batch_size:
-                refill = torch.randperm(len(data), generator=generator)
-                order = torch.cat([order, refill])
-            index, order = order[:batch_size], order[batch_size:]
-            batch = data[index]
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = model(**next_batch()).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -210,7 +210,10 @@ def run(
         "settings": asdict(settings),
         "tasks": list(tasks.TASKS),
         "higher_is_better": report.HIGHER_IS_BETTER,
-        "hypervolume_reference": "0 in every normalized score",
+        "hypervolume_reference": (
+            "per expert set: the worst normalized score on each axis over all its "
+            "merges and variants, minus 10% of the axis' range"
+        ),
         "greedy_check": checks,
         "training": models.log,
         "seconds": seconds,

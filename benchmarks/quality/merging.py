@@ -5,7 +5,8 @@ Every merge is run once, plainly, by mergekit's own pipeline
 relaxation of the plain output (tested in ``tests/test_methods_pipeline.py``),
 so AIM at any ω and both controls are computed from that one plain merge:
 
-* ``aim``: :func:`mergekit_aim.relax.apply_aim` with the base's artifact.
+* ``aim``: the kernel with the base's artifact (what
+  :func:`mergekit_aim.relax.apply_aim` does).
 * ``uniform``: every relaxed tensor's delta scaled by one number, the mean
   over the tensor of AIM's per-element factor ``1 − s·(1 − ω)``. Same overall
   shrinkage as AIM, no activation information.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,15 +118,39 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _relax_all(
+    base: Mapping[str, torch.Tensor],
+    merged: Mapping[str, torch.Tensor],
+    importance: ImportanceMap,
+    choose: Callable[[str], tuple[torch.Tensor, float]],
+) -> dict[str, torch.Tensor]:
+    """Every tensor with a statistic relaxed by the kernel with the statistic
+    and ω that ``choose(name)`` returns; every other tensor as merged (the
+    coverage of :func:`mergekit_aim.relax.apply_aim`). Inputs are not modified.
+    """
+    from mergekit_aim.kernels import aim_relax
+
+    out = dict(merged)
+    for name in importance:
+        statistic, omega = choose(name)
+        out[name] = aim_relax(
+            base[name],
+            merged[name],
+            statistic,
+            omega,
+            input_axis=importance.input_axis(name),
+        )
+    return out
+
+
 def aim_state(
     base: Mapping[str, torch.Tensor],
     merged: Mapping[str, torch.Tensor],
     importance: ImportanceMap,
     omega: float,
 ) -> dict[str, torch.Tensor]:
-    from mergekit_aim.relax import apply_aim
-
-    return apply_aim(base, merged, importance, omega)
+    """AIM at ``omega``: equal to ``apply_aim(base, merged, importance, omega)``."""
+    return _relax_all(base, merged, importance, lambda name: (importance[name], omega))
 
 
 def aim_factors(importance: ImportanceMap, name: str, omega: float) -> torch.Tensor:
@@ -145,20 +170,12 @@ def uniform_state(
     omega: float,
 ) -> dict[str, torch.Tensor]:
     """Each relaxed tensor's delta scaled by AIM's mean factor over the tensor."""
-    from mergekit_aim.kernels import aim_relax
 
-    out = dict(merged)
-    for name in importance:
+    def choose(name: str) -> tuple[torch.Tensor, float]:
         factor = float(aim_factors(importance, name, omega).mean())
-        constant = torch.ones_like(importance[name])
-        out[name] = aim_relax(
-            base[name],
-            merged[name],
-            constant,
-            factor,
-            input_axis=importance.input_axis(name),
-        )
-    return out
+        return torch.ones_like(importance[name]), factor
+
+    return _relax_all(base, merged, importance, choose)
 
 
 def permuted_state(
@@ -170,19 +187,12 @@ def permuted_state(
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """AIM with each tensor's statistic randomly permuted (seeded per tensor)."""
-    from mergekit_aim.kernels import aim_relax
 
-    out = dict(merged)
-    for name in importance:
-        stat = importance[name]
+    def choose(name: str) -> tuple[torch.Tensor, float]:
+        statistic = importance[name]
         digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest[:7], "big"))
-        permuted = stat[torch.randperm(stat.numel(), generator=generator)]
-        out[name] = aim_relax(
-            base[name],
-            merged[name],
-            permuted,
-            omega,
-            input_axis=importance.input_axis(name),
-        )
-    return out
+        order = torch.randperm(statistic.numel(), generator=generator)
+        return statistic[order], omega
+
+    return _relax_all(base, merged, importance, choose)

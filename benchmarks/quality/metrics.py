@@ -157,6 +157,15 @@ def _hv(points: list[tuple[float, ...]], ref: tuple[float, ...]) -> float:
     return volume
 
 
+def reference_point(
+    points: Sequence[Sequence[float]], margin: float = 0.1
+) -> list[float]:
+    """The nadir of ``points`` pushed out by ``margin`` of each axis' range:
+    every point then adds volume, extreme ones included."""
+    columns = list(zip(*points))
+    return [min(c) - margin * (max(c) - min(c)) for c in columns]
+
+
 def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
     """Indices of the points no other point dominates (maximization)."""
     front = []
@@ -194,5 +203,6 @@ __all__ = [
     "mean",
     "normalized_scores",
     "pareto_front",
+    "reference_point",
     "relative_change",
 ]

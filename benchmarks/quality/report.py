@@ -17,6 +17,7 @@ from benchmarks.quality.metrics import (
     mean,
     normalized_scores,
     pareto_front,
+    reference_point,
     relative_change,
 )
 from benchmarks.quality.tasks import EXPERT_TASKS, TASKS
@@ -29,6 +30,7 @@ LABELS = {
     "general": "general loss",
 }
 CONTROLS = ("aim", "uniform", "permuted", "tuned")
+SPECIAL = ("base", "expert")
 SHORT = {
     "task_arithmetic": "TA",
     "ties": "TIES",
@@ -233,26 +235,34 @@ def controls_summary(rows: Sequence[Mapping[str, Any]], omega: float) -> str:
 
 def hypervolumes(
     rows: Sequence[Mapping[str, Any]], omega: float
-) -> dict[str, dict[str, float]]:
-    """Per expert set and variant: hypervolume of all its merges' points in the
-    normalized space of the set's objectives, reference point 0 (the base on
-    expert tasks, the most forgetful expert on general)."""
+) -> dict[str, dict[str, Any]]:
+    """Per expert set: the hypervolume of each variant's merges (all methods,
+    weightings and seeds) in the normalized space of the set's objectives.
+
+    The reference point is shared by the variants of a set: the worst
+    normalized score on each axis over every merge of the set (all variants,
+    the ω sweep included), minus 10% of that axis' range.
+    """
     scored = with_scores(rows)
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, Any]] = {}
     sets = sorted(
         {tuple(r["experts"]) for r in scored if r["variant"] == "plain"},
         key=lambda e: (len(e), e),
     )
     for experts in sets:
         axes = objectives(experts)
-        reference = [0.0] * len(axes)
-        volumes = {}
+        members = [
+            r
+            for r in scored
+            if tuple(r["experts"]) == experts and r["variant"] not in SPECIAL
+        ]
+        reference = reference_point([[r["scores"][t] for t in axes] for r in members])
+        volumes: dict[str, Any] = {"reference": dict(zip(axes, reference))}
         for variant in ("plain", *CONTROLS):
             points = [
                 [r["scores"][t] for t in axes]
-                for r in scored
-                if tuple(r["experts"]) == experts
-                and r["variant"] == variant
+                for r in members
+                if r["variant"] == variant
                 and (variant in ("plain", "tuned") or math.isclose(r["omega"], omega))
             ]
             if points:
@@ -261,21 +271,22 @@ def hypervolumes(
     return out
 
 
-def hypervolume_table(volumes: Mapping[str, Mapping[str, float]]) -> str:
+def hypervolume_table(volumes: Mapping[str, Mapping[str, Any]]) -> str:
     body = []
     for experts, values in volumes.items():
         plain = values["plain"]
-        cells = [experts, f"{plain:.4f}"]
+        reference = ", ".join(f"{k} {v:+.2f}" for k, v in values["reference"].items())
+        cells = [experts, reference, f"{plain:.4g}"]
         for variant in CONTROLS:
             value = values.get(variant)
             if value is None:
                 cells.append("—")
                 continue
             gain = (value - plain) / plain if plain else float("nan")
-            cells.append(f"{value:.4f} ({_fmt_pct(gain)})")
+            cells.append(f"{value:.4g} ({_fmt_pct(gain)})")
         body.append(cells)
-    header = ["experts", "plain", *(f"{v} (gain)" for v in CONTROLS)]
-    return _table(header, body, len(header) - 1)
+    header = ["experts", "reference point", "plain", *(f"{v} (gain)" for v in CONTROLS)]
+    return _table(header, body, len(header) - 2)
 
 
 def sweep_table(rows: Sequence[Mapping[str, Any]], experts: Sequence[str]) -> str:
@@ -489,10 +500,14 @@ def markdown(document: Mapping[str, Any]) -> str:
         f"vocabulary {s['vocab_size']} (byte-level BPE, digits split), trained from "
         f"scratch for {s['base_steps']} steps (batch {s['batch_size']} × "
         f"{s['seq_len']} tokens) on `builtin`'s mixed prose/code/math training split.",
-        f"* Experts, each fine-tuned from the base for {s['expert_steps']} steps "
-        f"(lr {s['expert_lr']:g}): **code** (`builtin` code), **math** (two-digit "
-        "addition and subtraction, bare and as word problems), **instructions** "
-        "(reverse / uppercase / sort / count / largest over 3–5 spaced characters).",
+        "* Experts, each fine-tuned from the base on one task: **code** "
+        f"(`builtin` code, language-model loss, {s['code_steps']} steps, lr "
+        f"{s['code_lr']:g}); **math** (a two-digit number plus or minus a one-digit "
+        "number, bare or as a word problem) and **instructions** (reverse / "
+        "uppercase / sort / count / largest over 3–5 spaced characters), each "
+        f"{s['train_items']} generated items, loss on the answer only, "
+        f"{s['item_steps']} steps of {s['item_batch_size']} items, lr "
+        f"{s['item_lr']:g}.",
         f"* Metrics on the test split: exact match (%) of the greedy answer on "
         f"{s['test_items']} math and {s['test_items']} instruction items; held-out "
         f"loss (nats/token) on ~{s['heldout_chars'] // 1000}k characters of `builtin` "
@@ -515,8 +530,11 @@ def markdown(document: Mapping[str, Any]) -> str:
         "so its two weightings coincide.",
         "* Normalized scores: on an expert task 0 = base, 1 = that task's expert; "
         "on general 1 = base, 0 = the most forgetful expert. Hypervolume is taken "
-        "over all merges of an expert set in the space of its tasks and general, "
-        "**reference point 0 in every coordinate**.",
+        "over all merges of an expert set (methods, weightings, seeds) in the "
+        "space of its tasks and general. **Reference point**: per expert set, the "
+        "worst normalized score on each axis over all its merges and variants "
+        "(ω sweep included) minus 10% of the axis' range (listed in the table); "
+        "one reference per set, shared by all variants.",
         "",
         "## Reference models",
         "",

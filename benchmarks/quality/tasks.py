@@ -2,8 +2,8 @@
 
 Two tasks are scored by exact match of a greedy answer after a prompt:
 
-* ``math``: two-digit addition and subtraction (results never negative),
-  asked bare (``What is 47 + 38?``) or as a one-step word problem.
+* ``math``: a two-digit number plus or minus a one-digit one (results never
+  negative), asked bare (``What is 47 + 8?``) or as a one-step word problem.
 * ``instructions``: templated instructions over short sequences of single
   letters or digits, each with one checkable answer: reverse the letters,
   uppercase them, sort the numbers, count the letters, name the largest
@@ -67,9 +67,17 @@ def _qa(question: str, answer: int) -> Item:
     return Item(f"Question: {question}\nAnswer:", f" {answer}")
 
 
-def math_item(rng: random.Random, low: int = 10, high: int = 99) -> Item:
-    """A random addition or subtraction with operands in ``[low, high]``."""
-    a, b = rng.randint(low, high), rng.randint(low, high)
+def math_item(
+    rng: random.Random,
+    first: tuple[int, int] = (10, 99),
+    second: tuple[int, int] = (1, 9),
+) -> Item:
+    """A random addition or subtraction of a number in ``first`` and one in
+    ``second`` (inclusive ranges; either may come first, and subtraction
+    always takes the smaller from the larger)."""
+    a, b = rng.randint(*first), rng.randint(*second)
+    if rng.random() < 0.5:
+        a, b = b, a
     kind = rng.randrange(4)
     if kind in (1, 3) and a < b:
         a, b = b, a
@@ -186,20 +194,19 @@ def item_splits(
 
 
 def text_splits(
-    texts: Sequence[str], *, budget: int, seed: int
+    texts: Sequence[str], *, validation: int, test: int, seed: int
 ) -> tuple[list[str], list[str]]:
-    """Two disjoint seeded samples (validation, test) of about ``budget``
-    characters each from ``texts``."""
+    """Two disjoint seeded samples of ``texts``: about ``validation`` and
+    ``test`` characters."""
     order = list(texts)
     random.Random(seed).shuffle(order)
-    halves: list[list[str]] = [[], []]
-    sizes = [0, 0]
+    parts: list[list[str]] = [[], []]
+    budgets, size, side = (validation, test), 0, 0
     for text in order:
-        side = 0 if sizes[0] <= sizes[1] else 1
-        if sizes[side] >= budget:
-            side = 1 - side
-            if sizes[side] >= budget:
+        if size >= budgets[side]:
+            side, size = side + 1, 0
+            if side == len(budgets):
                 break
-        halves[side].append(text)
-        sizes[side] += len(text)
-    return halves[0], halves[1]
+        parts[side].append(text)
+        size += len(text)
+    return parts[0], parts[1]

@@ -2,8 +2,9 @@
 
 The base is a small Llama trained on ``builtin``'s mixed training split
 (prose, code, math, interleaved). Each expert is the base fine-tuned on one
-task only: ``code`` on ``builtin`` code, ``math`` on generated arithmetic
-items, ``instructions`` on generated instruction items. The base is then
+task only: ``code`` on ``builtin`` code (language-model loss), ``math`` and
+``instructions`` on their generated training items (supervised fine-tuning:
+loss on the answer only, as in instruction tuning). The base is then
 calibrated on ``builtin`` (task-agnostic; the paper's protocol with the
 offline corpus). Everything is cached under a directory named by a hash of
 the settings and the corpus fingerprint, so a second run only merges and
@@ -17,7 +18,6 @@ import hashlib
 import itertools
 import json
 import logging
-import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,13 +44,17 @@ class Settings:
     base_steps: int
     base_lr: float
     base_chars: int
-    expert_steps: int
-    expert_lr: float
+    code_steps: int
+    code_lr: float
+    item_steps: int
+    item_lr: float
+    item_batch_size: int
     code_chars: int
     train_items: int
     validation_items: int
     test_items: int
     heldout_chars: int
+    validation_chars: int
     calibration_samples: int
     density: float
     dare_seeds: tuple[int, ...]
@@ -69,9 +73,8 @@ class Settings:
             for k, v in asdict(self).items()
             if k
             not in (
-                "validation_items",
-                "test_items",
                 "heldout_chars",
+                "validation_chars",
                 "density",
                 "dare_seeds",
                 "omega",
@@ -97,13 +100,17 @@ FULL = Settings(
     base_steps=400,
     base_lr=3e-3,
     base_chars=600_000,
-    expert_steps=300,
-    expert_lr=1e-3,
+    code_steps=300,
+    code_lr=1e-3,
+    item_steps=500,
+    item_lr=2e-3,
+    item_batch_size=64,
     code_chars=300_000,
     train_items=6000,
-    validation_items=100,
-    test_items=300,
-    heldout_chars=30_000,
+    validation_items=60,
+    test_items=200,
+    heldout_chars=15_000,
+    validation_chars=8_000,
     calibration_samples=128,
     density=0.5,
     dare_seeds=(0, 1, 2),
@@ -121,13 +128,17 @@ QUICK = Settings(
     base_steps=80,
     base_lr=3e-3,
     base_chars=150_000,
-    expert_steps=80,
-    expert_lr=2e-3,
+    code_steps=60,
+    code_lr=2e-3,
+    item_steps=100,
+    item_lr=3e-3,
+    item_batch_size=64,
     code_chars=100_000,
     train_items=2000,
     validation_items=40,
     test_items=100,
-    heldout_chars=8_000,
+    heldout_chars=6_000,
+    validation_chars=3_000,
     calibration_samples=32,
     density=0.5,
     dare_seeds=(0,),
@@ -147,11 +158,6 @@ class TaskData:
     base_train: list[str]
     validation_texts: dict[str, list[str]]
     test_texts: dict[str, list[str]]
-
-    def train_texts(self, task: str) -> list[str]:
-        if task == "code":
-            return self.code_train
-        return [item.text for item in self.items[task].train]
 
     def validation(self, task: str) -> list[str]:
         """Held-out texts of ``task`` for choosing ω (never the test split)."""
@@ -192,7 +198,10 @@ def build_data(settings: Settings) -> TaskData:
 
         heldout = [d.text for d in builtin_documents(domains=[domain], split="heldout")]
         validation, test = tasks.text_splits(
-            heldout, budget=settings.heldout_chars, seed=seed + 303
+            heldout,
+            validation=settings.validation_chars,
+            test=settings.heldout_chars,
+            seed=seed + 303,
         )
         validation_texts[task], test_texts[task] = validation, test
     return TaskData(items, code_train, base_train, validation_texts, test_texts)
@@ -257,17 +266,26 @@ def build_models(settings: Settings, data: TaskData, cache_dir: Path) -> Models:
     tiny.save_checkpoint(base, tokenizer, root / "base")
     for i, task in enumerate(tasks.EXPERT_TASKS):
         expert = copy.deepcopy(base)
-        texts = data.train_texts(task)
-        random.Random(settings.seed + i).shuffle(texts)
-        losses = tiny.train_causal_lm(
-            expert,
-            tokenizer,
-            texts,
-            steps=settings.expert_steps,
-            lr=settings.expert_lr,
-            seed=settings.seed + 1 + i,
-            **train,
-        )
+        if task == "code":
+            losses = tiny.train_causal_lm(
+                expert,
+                tokenizer,
+                data.code_train,
+                steps=settings.code_steps,
+                lr=settings.code_lr,
+                seed=settings.seed + 1 + i,
+                **train,
+            )
+        else:
+            losses = tiny.train_completions(
+                expert,
+                tokenizer,
+                [(item.prompt, item.answer) for item in data.items[task].train],
+                steps=settings.item_steps,
+                lr=settings.item_lr,
+                batch_size=settings.item_batch_size,
+                seed=settings.seed + 1 + i,
+            )
         log[f"{task}_loss"] = [losses[0], losses[-1]]
         LOG.info("quality: %s expert loss %.3f -> %.3f", task, losses[0], losses[-1])
         tiny.save_checkpoint(expert, tokenizer, experts[task])

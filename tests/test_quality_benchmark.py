@@ -1,0 +1,275 @@
+"""The quality benchmark's pieces that need no training: task generators and
+their answers, exact-match scoring, hypervolume, and the report tables."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from benchmarks.quality import merging, metrics, report, tasks
+
+
+def _answer(item):
+    return item.answer.strip()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_math_items_have_exact_answers(seed):
+    rng = random.Random(seed)
+    for _ in range(200):
+        item = tasks.math_item(rng)
+        numbers = [
+            int(w.strip("?.")) for w in item.prompt.split() if w.strip("?.").isdigit()
+        ]
+        a, b = numbers
+        assert 1 <= min(a, b) <= 9 and 10 <= max(a, b) <= 99
+        add = "+" in item.prompt or "more" in item.prompt
+        assert int(_answer(item)) == (a + b if add else a - b)
+        assert int(_answer(item)) >= 0
+        assert item.prompt.endswith("Answer:") and item.answer.startswith(" ")
+
+
+EXPECTED = {
+    "reverse": lambda chars: " ".join(chars[::-1]),
+    "uppercase": lambda chars: " ".join(c.upper() for c in chars),
+    "sort": lambda chars: " ".join(sorted(chars, key=int)),
+    "count": lambda chars: str(len(chars)),
+    "largest": lambda chars: str(max(int(c) for c in chars)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(tasks.INSTRUCTIONS))
+def test_instruction_answers(kind):
+    rng = random.Random(kind)
+    for _ in range(100):
+        item = tasks.instruction_item(rng, kind=kind)
+        chars = item.prompt.split("\n")[0].rsplit(": ", 1)[1].split()
+        assert 3 <= len(chars) <= 5
+        expected = EXPECTED[kind](chars)
+        assert _answer(item) == expected
+        assert tasks.is_correct(item, f"  {expected} ")
+        assert not tasks.is_correct(item, expected + " x")
+
+
+def test_fixed_instruction_examples():
+    assert tasks.is_correct(tasks.Item("p", " c b a"), "c  b a")
+    assert not tasks.is_correct(tasks.Item("p", " c b a"), "cba")
+    rng = random.Random(0)
+    item = tasks.instruction_item(rng, kind="sort", min_len=4, max_len=4)
+    digits = item.prompt.split("\n")[0].rsplit(": ", 1)[1].split()
+    assert _answer(item).split() == sorted(digits)
+
+
+def test_item_splits_are_disjoint_and_deterministic():
+    splits = tasks.item_splits(
+        tasks.math_item, train=300, validation=30, test=50, seed=1
+    )
+    again = tasks.item_splits(
+        tasks.math_item, train=300, validation=30, test=50, seed=1
+    )
+    assert splits == again
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (
+        300,
+        30,
+        50,
+    )
+    held = {i.prompt for i in splits.validation} | {i.prompt for i in splits.test}
+    assert len(held) == 80
+    assert not held & {i.prompt for i in splits.train}
+
+
+def test_text_splits_are_disjoint():
+    texts = [f"text {i} " * 10 for i in range(100)]
+    validation, test = tasks.text_splits(texts, validation=300, test=500, seed=0)
+    assert validation and test and not set(validation) & set(test)
+    assert 300 <= sum(map(len, validation)) < 400
+    assert 500 <= sum(map(len, test)) < 600
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from mergekit_aim import tiny
+
+    rng = random.Random(0)
+    texts = tiny.generate_sentences(100, seed=0)
+    texts += [tasks.math_item(rng).text for _ in range(100)]
+    texts += [tasks.instruction_item(rng).text for _ in range(100)]
+    return tiny.train_tokenizer(texts, vocab_size=300, split_digits=True)
+
+
+class _Scripted(torch.nn.Module):
+    """Logits favouring ``script[pos]`` at each position (``<unk>`` elsewhere)."""
+
+    def __init__(self, vocab, script):
+        super().__init__()
+        self.vocab, self.script = vocab, script
+
+    def forward(self, input_ids):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[..., 3] = 0.5
+        for pos, token in self.script.items():
+            logits[:, pos, token] = 1.0
+        return type("Out", (), {"logits": logits})
+
+
+def test_exact_match_needs_every_answer_token_and_the_end(tokenizer):
+    item = tasks.Item("Question: What is 12 + 3?\nAnswer:", " 15")
+    data = metrics.ExactMatchSet.build(tokenizer, [item])
+    start, end, ids = data.starts[0], data.ends[0], data.ids[0]
+    assert end - start == 4  # space, 1, 5, </s>
+    script = {pos: int(ids[pos + 1]) for pos in range(start - 1, end - 1)}
+    vocab = len(tokenizer)
+    assert metrics.exact_match(_Scripted(vocab, script), data) == 1.0
+    for missing in script:
+        partial = {k: v for k, v in script.items() if k != missing}
+        assert metrics.exact_match(_Scripted(vocab, partial), data) == 0.0
+
+
+def test_prompt_must_end_at_a_token_boundary(tokenizer):
+    with pytest.raises(ValueError, match="prefix"):
+        metrics.ExactMatchSet.build(tokenizer, [tasks.Item("Answ", "er: 2")])
+
+
+def test_hypervolume_fixed_numbers():
+    assert metrics.hypervolume([], [0, 0]) == 0
+    assert metrics.hypervolume([[1, 1]], [0, 0]) == pytest.approx(1)
+    assert metrics.hypervolume([[2, 1], [1, 2]], [0, 0]) == pytest.approx(3)
+    # A dominated point adds nothing; one below the reference adds nothing.
+    assert metrics.hypervolume([[2, 1], [1, 2], [1, 1], [3, -1]], [0, 0]) == (
+        pytest.approx(3)
+    )
+    assert metrics.hypervolume([[2, 1], [1, 2]], [0.5, 0.5]) == pytest.approx(1.25)
+    cube = [[1, 1, 1]]
+    assert metrics.hypervolume(cube, [0, 0, 0]) == pytest.approx(1)
+    # Union of [0,2]×[0,1]×[0,1] and [0,1]×[0,1]×[0,2]: 2 + 2 − 1.
+    assert metrics.hypervolume([[2, 1, 1], [1, 1, 2]], [0, 0, 0]) == pytest.approx(3)
+    four = [[1, 1, 1, 1], [2, 0.5, 1, 1]]
+    assert metrics.hypervolume(four, [0] * 4) == pytest.approx(1 + 0.5)
+
+
+def test_hypervolume_matches_monte_carlo():
+    gen = torch.Generator().manual_seed(0)
+    points = torch.rand(6, 3, generator=gen)
+    exact = metrics.hypervolume(points.tolist(), [0, 0, 0])
+    samples = torch.rand(200_000, 3, generator=gen)
+    covered = (samples[:, None, :] <= points[None]).all(-1).any(-1).float().mean()
+    assert exact == pytest.approx(float(covered), abs=0.01)
+
+
+def test_pareto_front():
+    points = [[1, 0], [0, 1], [0.5, 0.5], [0.4, 0.4], [1, 0]]
+    assert metrics.pareto_front(points) == [0, 1, 2, 4]
+
+
+def test_normalized_scores():
+    base = {"code": 3.0, "math": 0.0, "instructions": 0.1, "general": 2.0}
+    experts = {
+        "code": {"code": 2.0, "math": 0.0, "instructions": 0.0, "general": 2.5},
+        "math": {"code": 3.5, "math": 0.8, "instructions": 0.0, "general": 3.0},
+        "instructions": {"code": 3.2, "math": 0.0, "instructions": 0.9, "general": 2.6},
+    }
+    merged = {"code": 2.5, "math": 0.4, "instructions": 0.5, "general": 2.5}
+    scores = metrics.normalized_scores(merged, base, experts, tasks.TASKS)
+    assert scores == pytest.approx(
+        {"code": 0.5, "math": 0.5, "instructions": 0.5, "general": 0.5}
+    )
+
+
+def _rows():
+    def row(variant, metrics_, method="ties", experts=("math", "code"), **kw):
+        base = dict(
+            method=method,
+            experts=list(experts),
+            aim=variant == "aim",
+            omega=kw.get("omega", 1.0),
+            seed=kw.get("seed", 0),
+            weights=kw.get("weights", "1"),
+            variant=variant,
+            metrics=metrics_,
+        )
+        return base
+
+    m = lambda c, a, i, g: dict(code=c, math=a, instructions=i, general=g)  # noqa: E731
+    return [
+        row("base", m(3.0, 0.0, 0.0, 2.0), method="base", experts=()),
+        row("expert", m(2.0, 0.0, 0.0, 3.0), method="expert", experts=("code",)),
+        row("expert", m(3.0, 0.5, 0.0, 3.0), method="expert", experts=("math",)),
+        row(
+            "expert", m(3.0, 0.0, 0.5, 2.5), method="expert", experts=("instructions",)
+        ),
+        row("plain", m(2.5, 0.2, 0.0, 2.8)),
+        row("aim", m(2.4, 0.3, 0.0, 2.4), omega=0.4),
+        row("uniform", m(2.6, 0.2, 0.0, 2.6), omega=0.4),
+        row("permuted", m(2.6, 0.1, 0.0, 2.6), omega=0.4),
+        row("tuned", m(2.4, 0.3, 0.0, 2.4), omega=0.4),
+    ]
+
+
+def test_relative_change_table_on_fixed_numbers():
+    table = report.relative_change_table(_rows(), 0.4)
+    lines = table.splitlines()
+    assert lines[0].startswith("| experts | method | weights | code loss")
+    # code 2.5 -> 2.4 (loss down 4%), math 0.2 -> 0.3 (+50%), instructions 0 -> 0
+    # (no relative change defined), general 2.8 -> 2.4 (+14.3%).
+    assert lines[2] == "| math+code | TIES | 1 | +4.0% | +50.0% | n/a | +14.3% |"
+    assert math.isnan(metrics.relative_change(1.0, 0.0, higher_is_better=True))
+    assert metrics.relative_change(2.0, 2.5, higher_is_better=False) == pytest.approx(
+        0.2
+    )
+
+
+def test_hypervolumes_and_report_sections():
+    rows = _rows()
+    volumes = report.hypervolumes(rows, 0.4)
+    # Normalized (math, code, general): plain (0.4, 0.5, 0.2), AIM (0.6, 0.6,
+    # 0.6); over all variants each axis spans [0.2, 0.6], [0.4, 0.6], [0.2, 0.6],
+    # so the reference point is the minimum less 10% of the span.
+    reference = volumes["math+code"]["reference"]
+    assert reference == pytest.approx({"math": 0.16, "code": 0.38, "general": 0.16})
+    assert volumes["math+code"]["plain"] == pytest.approx(0.24 * 0.12 * 0.04)
+    assert volumes["math+code"]["aim"] == pytest.approx(0.44 * 0.22 * 0.44)
+    assert "+3597.2%" in report.hypervolume_table(volumes)
+    summary = report.controls_summary(rows, 0.4)
+    assert summary.splitlines()[2].startswith("| aim | 1 |")
+
+
+def test_controls_call_the_kernel_formula():
+    from mergekit_aim.importance import ImportanceMap
+
+    gen = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(3, 4, generator=gen), "n": torch.randn(4, generator=gen)}
+    merged = {k: v + torch.randn(v.shape, generator=gen) for k, v in base.items()}
+    stat = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    imap = ImportanceMap({"w": stat, "n": stat}, {"w": 1, "n": 1}, {"w": -1, "n": -1})
+    omega = 0.4
+    factors = 1 - (stat / stat.max()) * (1 - omega)
+    assert merging.aim_factors(imap, "w", omega) == pytest.approx(factors.tolist())
+    uniform = merging.uniform_state(base, merged, imap, omega)
+    expected = base["w"] + (merged["w"] - base["w"]) * factors.mean()
+    torch.testing.assert_close(uniform["w"], expected)
+    aim = merging.aim_state(base, merged, imap, omega)
+    torch.testing.assert_close(
+        aim["w"], base["w"] + (merged["w"] - base["w"]) * factors
+    )
+    permuted = merging.permuted_state(base, merged, imap, omega, seed=3)
+    ratio = (permuted["w"] - base["w"]) / (merged["w"] - base["w"])
+    assert sorted(ratio[0].tolist()) == pytest.approx(sorted(factors.tolist()))
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), atol=1e-5)
+    assert merged["w"] is not uniform["w"]
+
+
+def test_merge_grid_and_configs(tmp_path):
+    grid = merging.merge_grid(
+        [("code", "math"), ("code", "math", "instructions")], (0, 1, 2)
+    )
+    assert len(grid) == 2 * 2 * (1 + 1 + 3 + 3)
+    assert len({g.name for g in grid}) == len(grid)
+    spec = merging.MergeSpec("dare_ties", ("code", "math", "instructions"), "1/k", 2)
+    config = merging.merge_config(
+        spec, tmp_path / "b", {e: tmp_path / e for e in spec.experts}, 0.5
+    )
+    assert config["merge_method"] == "dare_ties"
+    assert [m["parameters"] for m in config["models"]] == [
+        {"weight": pytest.approx(1 / 3), "density": 0.5}
+    ] * 3
