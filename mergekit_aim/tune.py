@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from mergekit_aim.calibration.data import paragraphs
 from mergekit_aim.config import PAPER_URL, omega_value
 from mergekit_aim.errors import AimConfigError
 from mergekit_aim.importance import ImportanceMap
@@ -113,8 +114,7 @@ def read_eval_texts(path: str | os.PathLike) -> list[str]:
             f"eval file {str(path)!r} is not UTF-8 text ({error})"
         ) from None
     if suffix == ".txt":
-        content = content.replace("\r\n", "\n").replace("\r", "\n")
-        texts = [part.strip() for part in re.split(r"\n[ \t]*\n", content)]
+        texts = paragraphs(content)
     else:
         texts = [_jsonl_text(path, n, line) for n, line in _lines(content)]
     texts = [text for text in texts if text]

@@ -68,6 +68,16 @@ def tiny_text() -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def tiny_text_file(
+    tmp_path_factory: pytest.TempPathFactory, tiny_text: list[str]
+) -> Path:
+    """``tiny_text`` as a calibration/eval ``.txt`` file, one sentence a paragraph."""
+    path = tmp_path_factory.mktemp("tiny-text") / "tiny.txt"
+    path.write_text("\n\n".join(tiny_text))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_text: list[str]) -> Any:
     """A byte-level BPE tokenizer trained on ``tiny_text`` (BOS-prepending, chat
     template, ids 0–3 = ``<pad> <s> </s> <unk>``)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from checkpoint_files import load_dir
 
 from mergekit_aim.importance import ImportanceMap
 
@@ -29,24 +29,8 @@ def run(*args, check=True):
     return result
 
 
-def load_dir(path):
-    tensors = {}
-    for shard in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as handle:
-            for name in handle.keys():
-                tensors[name] = handle.get_tensor(name)
-    return tensors
-
-
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory, tiny_text):
-    path = tmp_path_factory.mktemp("cli-data") / "calibration.txt"
-    path.write_text("\n\n".join(tiny_text))
-    return path
-
-
-@pytest.fixture(scope="module")
-def artifact(tiny_family, text_file, tmp_path_factory):
+def artifact(tiny_family, tiny_text_file, tmp_path_factory):
     family = tiny_family("llama")
     out = tmp_path_factory.mktemp("cli-artifact") / "imp.safetensors"
     run(
@@ -55,7 +39,7 @@ def artifact(tiny_family, text_file, tmp_path_factory):
         "-o",
         out,
         "--dataset",
-        text_file,
+        tiny_text_file,
         "--num-samples",
         48,
         "--seq-len",
@@ -194,7 +178,7 @@ def test_yaml_subcommand_runs_mergekit(artifact, tiny_family, tmp_path):
 
 
 def test_torchrun_data_parallel_equals_single_process(
-    artifact, tiny_family, text_file, tmp_path
+    artifact, tiny_family, tiny_text_file, tmp_path
 ):
     family = tiny_family("llama")
     out = tmp_path / "ddp.safetensors"
@@ -212,7 +196,7 @@ def test_torchrun_data_parallel_equals_single_process(
             "-o",
             str(out),
             "--dataset",
-            str(text_file),
+            str(tiny_text_file),
             "--num-samples",
             "48",
             "--seq-len",

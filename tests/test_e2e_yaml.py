@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
+from checkpoint_files import load_dir
 
 from mergekit_aim.importance import ImportanceMap
 
@@ -31,15 +31,6 @@ def reference(base, merged, statistic, omega, axis):
         factor = factor.reshape(shape)
     b, m = base.double(), merged.double()
     return (b + (m - b) * factor).to(merged.dtype)
-
-
-def load_dir(path):
-    tensors = {}
-    for shard in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as handle:
-            for name in handle.keys():
-                tensors[name] = handle.get_tensor(name)
-    return tensors
 
 
 def run_yaml(config, out, *extra, check=True, env=None):
@@ -71,19 +62,12 @@ def write_config(path, family, method="ties", aim=None, **extra):
     return path
 
 
-@pytest.fixture(scope="module")
-def calibration_text(tmp_path_factory, tiny_text):
-    path = tmp_path_factory.mktemp("data") / "calibration.txt"
-    path.write_text("\n\n".join(tiny_text))
-    return path
-
-
-def artifact_for(family, calibration_text, directory):
+def artifact_for(family, tiny_text_file, directory):
     from mergekit_aim import calibrate
 
     imap = calibrate(
         str(family.base),
-        dataset=str(calibration_text),
+        dataset=str(tiny_text_file),
         num_samples=64,
         seq_len=32,
         batch_size=4,
@@ -114,10 +98,10 @@ def assert_aim_matches_formula(family, plain_dir, aim_dir, artifact, omega):
 
 @pytest.mark.parametrize("family_name", ["llama", "qwen2", "gpt2"])
 def test_mergekit_yaml_honours_aim_block(
-    family_name, tiny_family, calibration_text, tmp_path
+    family_name, tiny_family, tiny_text_file, tmp_path
 ):
     family = tiny_family(family_name)
-    artifact = artifact_for(family, calibration_text, tmp_path)
+    artifact = artifact_for(family, tiny_text_file, tmp_path)
     plain_cfg = write_config(tmp_path / "plain.yml", family)
     aim_cfg = write_config(
         tmp_path / "aim.yml", family, aim={"omega": 0.4, "importance": str(artifact)}
@@ -146,14 +130,14 @@ def test_mergekit_yaml_honours_aim_block(
 
 
 def test_calibration_block_computes_once_then_hits_cache(
-    tiny_family, calibration_text, tmp_path
+    tiny_family, tiny_text_file, tmp_path
 ):
     family = tiny_family("llama")
     cache = tmp_path / "cache"
     aim = {
         "omega": 0.3,
         "calibration": {
-            "dataset": str(calibration_text),
+            "dataset": str(tiny_text_file),
             "num_samples": 48,
             "seq_len": 32,
             "batch_size": 4,
@@ -178,10 +162,10 @@ def test_calibration_block_computes_once_then_hits_cache(
     assert ImportanceMap.load(entries[0])  # rewritten whole
 
 
-def test_bad_inputs_fail_before_writing(tiny_family, calibration_text, tmp_path):
+def test_bad_inputs_fail_before_writing(tiny_family, tiny_text_file, tmp_path):
     llama = tiny_family("llama")
     gpt2 = tiny_family("gpt2")
-    foreign = artifact_for(gpt2, calibration_text, tmp_path)
+    foreign = artifact_for(gpt2, tiny_text_file, tmp_path)
     cases = {
         "foreign": ({"importance": str(foreign)}, "another model"),
         "missing": ({"importance": str(tmp_path / "nope.safetensors")}, "nope"),
@@ -200,11 +184,11 @@ def test_bad_inputs_fail_before_writing(tiny_family, calibration_text, tmp_path)
         assert not any(out.glob("*.safetensors")), label
 
 
-def test_slices_use_the_base_layer_statistic(tiny_family, calibration_text, tmp_path):
+def test_slices_use_the_base_layer_statistic(tiny_family, tiny_text_file, tmp_path):
     # Output layer 0 is built from layer 1 of every input: its statistic must be
     # the base's layer-1 statistic, not layer 0's.
     family = tiny_family("llama")
-    artifact = artifact_for(family, calibration_text, tmp_path)
+    artifact = artifact_for(family, tiny_text_file, tmp_path)
     sources = [str(family.base), *map(str, family.finetunes)]
 
     def config(path, aim=None):
@@ -250,9 +234,9 @@ def test_slices_use_the_base_layer_statistic(tiny_family, calibration_text, tmp_
     )
 
 
-def test_slice_without_base_source_is_refused(tiny_family, calibration_text, tmp_path):
+def test_slice_without_base_source_is_refused(tiny_family, tiny_text_file, tmp_path):
     family = tiny_family("llama")
-    artifact = artifact_for(family, calibration_text, tmp_path)
+    artifact = artifact_for(family, tiny_text_file, tmp_path)
     data = {
         "merge_method": "linear",
         "base_model": str(family.base),

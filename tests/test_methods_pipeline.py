@@ -2,27 +2,17 @@
 graph -> writer), in process: the AIM output equals the formula applied to the
 plain output of the same config and seed."""
 
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
+from checkpoint_files import load_dir
 from test_method import METHODS, PAIRWISE, reference
 
 from mergekit_aim.calibration.collect import collect_importance
 from mergekit_aim.checkpoint import read_checkpoint
 
 PARAMETERS = {"weight": 0.6, "density": 0.7, "t": 0.3}
-
-
-def load_dir(path):
-    tensors = {}
-    for shard in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as handle:
-            for name in handle.keys():
-                tensors[name] = handle.get_tensor(name)
-    return tensors
 
 
 @pytest.fixture(scope="module")

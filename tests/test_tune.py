@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from checkpoint_files import load_dir
 from click.testing import CliRunner
-from safetensors import safe_open
 
 from mergekit_aim import tune as tune_module
 from mergekit_aim.errors import AimConfigError, AimError
@@ -30,15 +30,6 @@ from mergekit_aim.tune import (
 
 CLI = str(Path(sys.executable).with_name("mergekit-aim"))
 SEQ_LEN, BATCH = 32, 4
-
-
-def load_dir(path):
-    tensors = {}
-    for shard in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as handle:
-            for name in handle.keys():
-                tensors[name] = handle.get_tensor(name)
-    return tensors
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -328,9 +328,17 @@ def _txt_documents(path: Path) -> list[str]:
         raise CalibrationDataError(
             f"calibration file {str(path)!r} is not UTF-8 text ({error})"
         ) from error
+    return paragraphs(text)
+
+
+def paragraphs(text: str) -> list[str]:
+    """The non-empty blocks of ``text`` separated by blank lines, stripped.
+
+    The one rule for ``.txt`` files, calibration data and eval files alike.
+    """
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    documents = [part.strip() for part in re.split(r"\n[ \t]*\n", text)]
-    return [document for document in documents if document]
+    blocks = (part.strip() for part in re.split(r"\n[ \t]*\n", text))
+    return [block for block in blocks if block]
 
 
 def _hub_rows(source: _Source, trust_remote_code: bool) -> datasets.Dataset:
