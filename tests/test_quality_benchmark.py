@@ -157,6 +157,11 @@ def test_hypervolume_matches_monte_carlo():
     assert exact == pytest.approx(float(covered), abs=0.01)
 
 
+def test_reference_point():
+    points = [[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]]
+    assert metrics.reference_point(points) == pytest.approx([-0.2, 0.95])
+
+
 def test_pareto_front():
     points = [[1, 0], [0, 1], [0.5, 0.5], [0.4, 0.4], [1, 0]]
     assert metrics.pareto_front(points) == [0, 1, 2, 4]
@@ -224,12 +229,12 @@ def test_hypervolumes_and_report_sections():
     volumes = report.hypervolumes(rows, 0.4)
     # Normalized (math, code, general): plain (0.4, 0.5, 0.2), AIM (0.6, 0.6,
     # 0.6); over all variants each axis spans [0.2, 0.6], [0.4, 0.6], [0.2, 0.6],
-    # so the reference point is the minimum less 10% of the span.
+    # so the reference point is the minimum less 10% of the span, at least 0.05.
     reference = volumes["math+code"]["reference"]
-    assert reference == pytest.approx({"math": 0.16, "code": 0.38, "general": 0.16})
-    assert volumes["math+code"]["plain"] == pytest.approx(0.24 * 0.12 * 0.04)
-    assert volumes["math+code"]["aim"] == pytest.approx(0.44 * 0.22 * 0.44)
-    assert "+3597.2%" in report.hypervolume_table(volumes)
+    assert reference == pytest.approx({"math": 0.15, "code": 0.35, "general": 0.15})
+    assert volumes["math+code"]["plain"] == pytest.approx(0.25 * 0.15 * 0.05)
+    assert volumes["math+code"]["aim"] == pytest.approx(0.45 * 0.25 * 0.45)
+    assert "+2600.0%" in report.hypervolume_table(volumes)
     summary = report.controls_summary(rows, 0.4)
     assert summary.splitlines()[2].startswith("| aim | 1 |")
 

@@ -212,7 +212,7 @@ def run(
         "higher_is_better": report.HIGHER_IS_BETTER,
         "hypervolume_reference": (
             "per expert set: the worst normalized score on each axis over all its "
-            "merges and variants, minus 10% of the axis' range"
+            "merges and variants, minus 10% of the axis' range (at least 0.05)"
         ),
         "greedy_check": checks,
         "training": models.log,

@@ -158,12 +158,13 @@ def _hv(points: list[tuple[float, ...]], ref: tuple[float, ...]) -> float:
 
 
 def reference_point(
-    points: Sequence[Sequence[float]], margin: float = 0.1
+    points: Sequence[Sequence[float]], margin: float = 0.1, floor: float = 0.05
 ) -> list[float]:
-    """The nadir of ``points`` pushed out by ``margin`` of each axis' range:
-    every point then adds volume, extreme ones included."""
+    """The nadir of ``points`` pushed out by ``margin`` of each axis' range
+    (at least ``floor``): every point then adds volume, extreme ones included,
+    and an axis on which all points agree is a constant factor, not a zero."""
     columns = list(zip(*points))
-    return [min(c) - margin * (max(c) - min(c)) for c in columns]
+    return [min(c) - max(margin * (max(c) - min(c)), floor) for c in columns]
 
 
 def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:

@@ -241,7 +241,7 @@ def hypervolumes(
 
     The reference point is shared by the variants of a set: the worst
     normalized score on each axis over every merge of the set (all variants,
-    the ω sweep included), minus 10% of that axis' range.
+    the ω sweep included), minus 10% of that axis' range (at least 0.05).
     """
     scored = with_scores(rows)
     out: dict[str, dict[str, Any]] = {}
@@ -533,7 +533,8 @@ def markdown(document: Mapping[str, Any]) -> str:
         "over all merges of an expert set (methods, weightings, seeds) in the "
         "space of its tasks and general. **Reference point**: per expert set, the "
         "worst normalized score on each axis over all its merges and variants "
-        "(ω sweep included) minus 10% of the axis' range (listed in the table); "
+        "(ω sweep included) minus 10% of the axis' range, at least 0.05 (listed "
+        "in the table); "
         "one reference per set, shared by all variants.",
         "",
         "## Reference models",
