@@ -219,7 +219,8 @@ def tune(
     omega is ignored. OUT gets the chosen model, aim_tune.json and aim_tune.md.
     """
     from mergekit_aim.errors import AimConfigError
-    from mergekit_aim.tune import parse_eval_spec, parse_omegas
+    from mergekit_aim.evaluation import parse_eval_spec
+    from mergekit_aim.tune import parse_omegas
     from mergekit_aim.tune import tune as run_tune
 
     _setup_logging(quiet, verbose)

@@ -15,15 +15,13 @@ from click.testing import CliRunner
 
 from mergekit_aim import tune as tune_module
 from mergekit_aim.errors import AimConfigError, AimError
+from mergekit_aim.evaluation import evaluate_loss, read_eval_texts, token_windows
 from mergekit_aim.importance import ImportanceMap
 from mergekit_aim.relax import apply_aim, relax_checkpoint
 from mergekit_aim.tune import (
     TuneResult,
     candidate_tensors,
-    evaluate_loss,
     omega_grid,
-    read_eval_texts,
-    token_windows,
     tune,
     tune_merged,
 )

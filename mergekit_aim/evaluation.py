@@ -1,0 +1,247 @@
+"""Held-out loss: reading eval files and scoring a causal LM on them.
+
+The measure ``mergekit-aim tune`` picks ω by and the demo and benchmarks report:
+mean next-token negative log-likelihood over every predicted token of every
+text (:func:`evaluate_loss`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergekit_aim.calibration.data import paragraphs
+from mergekit_aim.errors import AimConfigError
+
+EVAL_SUFFIXES = (".txt", ".jsonl")
+TEXT_FIELD = "text"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_EVAL_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def parse_eval_spec(spec: str) -> tuple[str, Path]:
+    """``NAME=FILE`` → ``(NAME, Path(FILE))``; the file is not read here."""
+    name, sep, path = spec.partition("=")
+    name, path = name.strip(), path.strip()
+    if not sep or not name or not path:
+        raise AimConfigError(
+            f"--eval {spec!r}: expected NAME=FILE, e.g. --eval code=heldout.jsonl"
+        )
+    if not _EVAL_NAME.fullmatch(name):
+        raise AimConfigError(
+            f"--eval {spec!r}: the name {name!r} may use only letters, digits, "
+            f"'_', '.' and '-'"
+        )
+    return name, Path(path).expanduser()
+
+
+def read_eval_texts(path: str | os.PathLike) -> list[str]:
+    """The documents of one eval file.
+
+    ``.txt``: one document per paragraph, paragraphs separated by blank lines
+    (the same rule as ``.txt`` calibration data; a file of single lines with
+    no blank line between them is one document). ``.jsonl``: one JSON object
+    per non-empty line, the document in its ``text`` field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise AimConfigError(f"eval file {str(path)!r} {what}")
+    suffix = path.suffix.lower()
+    if suffix not in EVAL_SUFFIXES:
+        raise AimConfigError(
+            f"eval file {str(path)!r}: expected a {' or '.join(EVAL_SUFFIXES)} file"
+        )
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise AimConfigError(
+            f"eval file {str(path)!r} is not UTF-8 text ({error})"
+        ) from None
+    if suffix == ".txt":
+        texts = paragraphs(content)
+    else:
+        texts = [_jsonl_text(path, n, line) for n, line in _lines(content)]
+    texts = [text for text in texts if text]
+    if not texts:
+        raise AimConfigError(f"eval file {str(path)!r} holds no text")
+    return texts
+
+
+def _lines(content: str) -> Iterable[tuple[int, str]]:
+    for number, line in enumerate(content.splitlines(), start=1):
+        if line.strip():
+            yield number, line
+
+
+def _jsonl_text(path: Path, number: int, line: str) -> str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise AimConfigError(
+            f"eval file {str(path)!r}, line {number}: not JSON ({error})"
+        ) from None
+    value = row.get(TEXT_FIELD) if isinstance(row, dict) else None
+    if not isinstance(value, str):
+        raise AimConfigError(
+            f"eval file {str(path)!r}, line {number}: expected an object with a "
+            f"string {TEXT_FIELD!r} field"
+        )
+    return value.strip()
+
+
+def evaluate_loss(
+    model_or_path: Any,
+    texts: Sequence[str],
+    *,
+    tokenizer: Any = None,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    device: str = "cpu",
+    dtype: str = "auto",
+) -> float:
+    """Mean next-token negative log-likelihood (nats) of ``texts``.
+
+    Each text is tokenized on its own with the tokenizer's default special
+    tokens (a BOS where the tokenizer adds one; no EOS is appended) and cut
+    into windows of at most ``seq_len`` tokens that overlap by one token, so
+    every token after a text's first is predicted exactly once, with at most
+    ``seq_len − 1`` tokens of context. The mean runs over all those tokens of
+    all texts. Deterministic: eval mode, no gradient, a fixed batching order
+    (windows sorted by length, padded on the right and masked).
+
+    ``model_or_path``: a loaded causal LM (used on the device it is on; its
+    train/eval mode is restored) or a checkpoint directory (loaded on
+    ``device`` in ``dtype``: ``auto`` is float32 on CPU and the checkpoint's
+    dtype elsewhere). ``tokenizer`` defaults to the checkpoint's own.
+    """
+    check_eval_settings(seq_len, batch_size)
+    if isinstance(model_or_path, (str, os.PathLike)):
+        path = str(model_or_path)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
+        model = load_model(path, device=device, dtype=dtype)
+    else:
+        model = model_or_path
+        if tokenizer is None:
+            tokenizer = load_tokenizer(getattr(model, "name_or_path", "") or "")
+    windows = token_windows(tokenizer, texts, seq_len)
+    total, count = sum_nll(model, windows, batch_size, pad_token_id(tokenizer))
+    return total / count
+
+
+def token_windows(
+    tokenizer: Any, texts: Sequence[str], seq_len: int
+) -> list[list[int]]:
+    """The scoring windows of :func:`evaluate_loss` (token id lists)."""
+    if isinstance(texts, str):
+        raise AimConfigError("texts must be a sequence of strings, not one string")
+    windows: list[list[int]] = []
+    for text in texts:
+        # Long documents are windowed below; the length warning does not apply.
+        ids = list(tokenizer(text, verbose=False)["input_ids"])
+        for start in range(0, max(len(ids) - 1, 0), seq_len - 1):
+            windows.append(ids[start : start + seq_len])
+    if not windows:
+        raise AimConfigError(
+            "the eval texts give no token to predict (every text is empty or a "
+            "single token)"
+        )
+    return windows
+
+
+@torch.no_grad()
+def sum_nll(
+    model: Any, windows: Sequence[Sequence[int]], batch_size: int, pad_id: int
+) -> tuple[float, int]:
+    device = model.get_input_embeddings().weight.device
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i]))
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = [windows[i] for i in order[start : start + batch_size]]
+            ids = torch.full((len(chunk), len(chunk[0])), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, window in enumerate(chunk):
+                ids[row, : len(window)] = torch.tensor(window, dtype=torch.long)
+                mask[row, : len(window)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            logits = logits[:, :-1].float()
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]),
+                    targets.reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                )
+            )
+            count += int((targets != -100).sum())
+    finally:
+        model.train(was_training)
+    return total, count
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    # Padded positions are masked and never scored; any valid id will do.
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def check_eval_settings(seq_len: int, batch_size: int) -> None:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise AimConfigError(
+            f"seq_len (--seq-len) must be an integer >= 2; got {seq_len!r}"
+        )
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or batch_size < 1
+    ):
+        raise AimConfigError(
+            f"batch_size (--batch-size) must be an integer >= 1; got {batch_size!r}"
+        )
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as error:  # missing files, unknown classes, bad paths
+        raise AimConfigError(
+            f"could not load a tokenizer from {path!r} ({type(error).__name__}: "
+            f"{error}); pass tokenizer="
+        ) from None
+
+
+def load_model(path: str, *, device: str = "cpu", dtype: str = "auto") -> Any:
+    """A causal LM from a checkpoint directory, in eval mode, for scoring."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise AimConfigError(f"dtype (--dtype) must be one of {DTYPES}; got {dtype!r}")
+    if dtype == "auto":
+        torch_dtype: Any = torch.float32 if device.startswith("cpu") else "auto"
+    else:
+        torch_dtype = getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, device_map={"": device}
+        )
+    except Exception as error:
+        raise AimConfigError(
+            f"could not load {path} as a causal LM on {device} "
+            f"({type(error).__name__}: {error})"
+        ) from error
+    return model.eval()
