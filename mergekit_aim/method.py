@@ -112,7 +112,7 @@ class AimMergeMethod(MergeMethod):
     def _relax_group(
         self, group: TensorGroup, merged: torch.Tensor, params: dict[str, Any]
     ) -> torch.Tensor:
-        from mergekit_aim.kernels import aim_relax
+        from mergekit_aim.kernels import aim_relax, aim_relax_
 
         omega = params["omega"]
         importance = _as_map(params["importance"], self.spec.name)
@@ -140,13 +140,32 @@ class AimMergeMethod(MergeMethod):
                 f"{tuple(merged.shape)} (input axis {axis}): artifact for another "
                 f"model, or a layer mapping the artifact does not cover"
             )
-        return aim_relax(
-            base.tensor,
-            merged,
-            vector.to(merged.device, non_blocking=True),
-            float(omega),
-            input_axis=axis,
-        )
+        vector = vector.to(merged.device, non_blocking=True)
+        if _owns_storage(merged, group):
+            # The inner method's fresh result: relax it where it lies, saving
+            # an output-sized allocation per tensor.
+            return aim_relax_(merged, base.tensor, vector, float(omega), axis)
+        return aim_relax(base.tensor, merged, vector, float(omega), input_axis=axis)
+
+
+def _owns_storage(merged: torch.Tensor, group: TensorGroup) -> bool:
+    """Whether ``merged`` is the whole of a storage no input of ``group`` uses.
+
+    A method may return one of its inputs (or a view of one) unchanged; those
+    must never be written. A tensor that is exactly its own contiguous storage
+    and shares it with no input is the method's own new result.
+    """
+    if merged.requires_grad or not merged.is_contiguous():
+        return False
+    if merged.storage_offset() != 0:
+        return False
+    storage = merged.untyped_storage()
+    if storage.nbytes() != merged.numel() * merged.element_size():
+        return False
+    pointer = storage.data_ptr()
+    return all(
+        entry.tensor.untyped_storage().data_ptr() != pointer for entry in group.entries
+    )
 
 
 def _as_map(importance: Any, method_name: str) -> ImportanceMap:

@@ -10,10 +10,15 @@ computed in float32 and returned in ``M``'s dtype. The statistic comes from
 ``channel_abs_sum`` (Σ|x| per channel over all leading dims of an activation).
 
 Importing this package registers ``torch.ops.mergekit_aim.channel_abs_sum``,
-``channel_abs_sum_`` and ``aim_relax``. Triton is optional and imported only
-when a Triton kernel is first needed.
+``channel_abs_sum_``, ``aim_relax`` and ``aim_relax_`` (in place). Triton is
+optional and imported only when a Triton kernel is first needed.
 """
 
-from mergekit_aim.kernels._ops import aim_relax, channel_abs_sum, channel_abs_sum_
+from mergekit_aim.kernels._ops import (
+    aim_relax,
+    aim_relax_,
+    channel_abs_sum,
+    channel_abs_sum_,
+)
 
-__all__ = ["aim_relax", "channel_abs_sum", "channel_abs_sum_"]
+__all__ = ["aim_relax", "aim_relax_", "channel_abs_sum", "channel_abs_sum_"]

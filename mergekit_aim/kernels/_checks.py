@@ -101,6 +101,39 @@ def check_aim_relax(
     return axis
 
 
+def check_aim_relax_(
+    merged: torch.Tensor,
+    base: torch.Tensor,
+    importance: torch.Tensor,
+    omega: float,
+    input_axis: int,
+    *,
+    memory: bool = True,
+) -> int:
+    """:func:`check_aim_relax`, plus what writing into ``merged`` needs.
+
+    ``memory=False`` skips the aliasing checks, which need real storage (fake
+    tensors, used when tracing, have none).
+    """
+    axis = check_aim_relax(base, merged, importance, omega, input_axis)
+    if any(n > 1 and s == 0 for n, s in zip(merged.shape, merged.stride())):
+        raise ValueError(
+            "merged is an expanded (broadcast) view: several of its elements share "
+            "memory, so it cannot be relaxed in place"
+        )
+    if not memory or not merged.numel():
+        return axis
+    if _same_storage(merged, base):
+        raise ValueError("merged shares memory with base: cannot relax in place")
+    if _same_storage(merged, importance):
+        raise ValueError("merged shares memory with importance")
+    return axis
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def merged_leading_dims(x: torch.Tensor) -> torch.Tensor:
     """A view of ``x[..., C]`` with leading dims reordered and fused where possible.
 

@@ -18,6 +18,7 @@ import torch
 from mergekit_aim.kernels import _torch
 from mergekit_aim.kernels._checks import (
     check_aim_relax,
+    check_aim_relax_,
     check_backend,
     check_channel_abs_sum,
     check_channel_abs_sum_,
@@ -148,6 +149,41 @@ def _(
     return merged.new_empty(merged.shape)
 
 
+@torch.library.custom_op("mergekit_aim::aim_relax_", mutates_args=("merged",))
+def _aim_relax_inplace_op(
+    merged: torch.Tensor,
+    base: torch.Tensor,
+    importance: torch.Tensor,
+    omega: float,
+    input_axis: int,
+) -> None:
+    axis = check_aim_relax_(merged, base, importance, omega, input_axis)
+    _torch.aim_relax(base, merged, importance, omega, axis, out=merged)
+
+
+@_aim_relax_inplace_op.register_kernel("cuda")
+def _(
+    merged: torch.Tensor,
+    base: torch.Tensor,
+    importance: torch.Tensor,
+    omega: float,
+    input_axis: int,
+) -> None:
+    axis = check_aim_relax_(merged, base, importance, omega, input_axis)
+    _cuda_impl().aim_relax(base, merged, importance, omega, axis, out=merged)
+
+
+@_aim_relax_inplace_op.register_fake
+def _(
+    merged: torch.Tensor,
+    base: torch.Tensor,
+    importance: torch.Tensor,
+    omega: float,
+    input_axis: int,
+) -> None:
+    check_aim_relax_(merged, base, importance, omega, input_axis, memory=False)
+
+
 # --- entry points ------------------------------------------------------------------
 
 
@@ -215,3 +251,30 @@ def aim_relax(
     return _impl(backend, merged.device).aim_relax(
         base, merged, importance, omega, axis
     )
+
+
+def aim_relax_(
+    merged: torch.Tensor,
+    base: torch.Tensor,
+    importance: torch.Tensor,
+    omega: float,
+    input_axis: int = -1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """In place ``merged ← B + (M − B)·(1 − s·(1 − ω))`` (see :func:`aim_relax`).
+
+    Returns ``merged``. Saves the output allocation (and, on CPU, the page
+    faults of first touching it) when the caller owns ``merged``, as a merge
+    method owns its inner method's fresh result. ``merged`` must not share
+    memory with ``base`` or ``importance`` and must not be a broadcast view.
+    """
+    check_backend(backend)
+    omega = check_omega(omega)
+    if backend == "auto":
+        torch.ops.mergekit_aim.aim_relax_(merged, base, importance, omega, input_axis)
+        return merged
+    axis = check_aim_relax_(merged, base, importance, omega, input_axis)
+    _impl(backend, merged.device).aim_relax(
+        base, merged, importance, omega, axis, out=merged
+    )
+    return merged

@@ -78,13 +78,18 @@ def aim_relax(
     importance: torch.Tensor,
     omega: float,
     axis: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``B + (M − B)·f`` in float32 blocks, written into a new tensor of merged's dtype.
+    """``B + (M − B)·f`` in float32 blocks, written into ``out`` (default: a new
+    tensor of merged's dtype; ``out`` may be ``merged`` itself).
 
     ``axis`` is non-negative and already validated; ``f`` broadcasts along it.
     Temporaries: two float32 blocks of ``BLOCK_ELEMS`` and the factor vector.
+    Each block of ``merged`` is copied out before its block of ``out`` is
+    written, so relaxing in place is safe.
     """
-    out = torch.empty(merged.shape, dtype=merged.dtype, device=merged.device)
+    if out is None:
+        out = torch.empty(merged.shape, dtype=merged.dtype, device=merged.device)
     if out.numel() == 0:
         return out
     shape = [1] * merged.dim()

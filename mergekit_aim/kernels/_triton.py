@@ -223,9 +223,15 @@ def aim_relax(
     importance: torch.Tensor,
     omega: float,
     axis: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fused ``B + (M − B)·(1 − s·(1 − ω))``; ``axis`` non-negative and validated."""
-    out = torch.empty(merged.shape, dtype=merged.dtype, device=merged.device)
+    """Fused ``B + (M − B)·(1 − s·(1 − ω))``; ``axis`` non-negative and validated.
+
+    Writes into ``out`` (default: a new tensor; ``out`` may be ``merged``: every
+    program loads its tile of ``merged`` before storing the same tile).
+    """
+    if out is None:
+        out = torch.empty(merged.shape, dtype=merged.dtype, device=merged.device)
     if out.numel() == 0:
         return out
     shape = tuple(merged.shape)
@@ -244,7 +250,12 @@ def aim_relax(
         # Statistic along the rows: Conv1D [in, out], or an inner axis of N-D.
         view = (outer, channels, inner)
         stat_on_cols = False
-    b3, m3, o3 = (_as_3d(t, view) for t in (base, merged, out))
+    b3, m3 = _as_3d(base, view), _as_3d(merged, view)
+    try:
+        o3, write_back = out.view(view), False
+    except RuntimeError:
+        # A layout that does not fuse: compute into a contiguous buffer.
+        o3, write_back = torch.empty(view, dtype=out.dtype, device=out.device), True
     batch, rows, cols = view
     block_c = min(256, _pow2(cols))
     block_r = min(_pow2(rows), max(2, TILE_ELEMS // block_c))
@@ -271,4 +282,6 @@ def aim_relax(
             BLOCK_R=block_r,
             BLOCK_C=block_c,
         )
+    if write_back:
+        out.copy_(o3.view(shape))
     return out

@@ -1,0 +1,311 @@
+"""Peak memory of ``mergekit-aim calibrate`` with and without ``--max-memory``.
+
+Usage: ``python benchmarks/memory.py [--quick] [--out DIR] [--cap SIZE]
+[--workdir DIR]``.
+
+Writes a synthetic Llama (random bf16 weights, a locally trained tokenizer, a
+small text file as the calibration set) whose float32 weights — what
+calibration on CPU computes with — are several times the cap, then runs
+``python -m mergekit_aim calibrate`` on it in a subprocess three ways:
+uncapped, ``--max-memory CAP --offload-dir DIR``, and uncapped again (so a
+warm page cache favours neither). Each child's peak resident set size comes
+from ``os.wait4`` (the kernel's ``ru_maxrss`` of that child alone), next to
+the RSS of the same command on a tiny model (the interpreter, libraries, data
+and tokenizer: what any run costs besides the weights). The capped
+artifact must equal the uncapped one. Results go to ``DIR/memory.json`` and
+``.md`` (``-quick`` suffix with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+try:
+    from benchmarks import common
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    import common
+
+LOG = logging.getLogger("benchmarks.memory")
+
+FULL = common.LlamaShape(2048, 5632, 10, 16, 16, 2048)
+QUICK = common.LlamaShape(1024, 2816, 8, 8, 8, 2048)
+FULL_CAP, QUICK_CAP = "400MiB", "150MiB"
+SAMPLES, SEQ_LEN, BATCH = 24, 128, 4
+# The baseline: the same command on a model too small to matter (what any run
+# costs besides the weights: interpreter, libraries, data, tokenizer).
+TINY = common.LlamaShape(64, 128, 1, 4, 4, 2048)
+
+
+def write_model(shape: common.LlamaShape, directory: Path) -> tuple[Path, int]:
+    """Checkpoint, config and tokenizer of a random Llama; returns (dir, params)."""
+    from safetensors.torch import save_file
+
+    from mergekit_aim import tiny
+
+    tokenizer = tiny.train_tokenizer(
+        tiny.generate_sentences(2000, seed=0), vocab_size=shape.vocab
+    )
+    config = common.llama_config(
+        shape,
+        vocab_size=len(tokenizer),
+        bos_token_id=tiny.BOS_ID,
+        eos_token_id=tiny.EOS_ID,
+        pad_token_id=tiny.PAD_ID,
+    )
+    shape = common.LlamaShape(**{**asdict(shape), "vocab": len(tokenizer)})
+    state = common.random_llama_state(shape, torch.Generator().manual_seed(0))
+    directory.mkdir(parents=True)
+    config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory, sum(t.numel() for t in state.values())
+
+
+def write_text(path: Path) -> Path:
+    """A JSON-lines calibration set: rows of a few sentences (~60 tokens)."""
+    import json
+
+    from mergekit_aim import tiny
+
+    sentences = tiny.generate_sentences(3000, seed=1)
+    rows = [" ".join(sentences[i : i + 6]) for i in range(0, len(sentences), 6)]
+    path.write_text("".join(json.dumps({"text": row}) + "\n" for row in rows))
+    return path
+
+
+class _Poller(threading.Thread):
+    """Largest anonymous and file-backed RSS of a process, sampled every 10 ms.
+
+    ``ru_maxrss`` counts both; file-backed pages (mapped checkpoints, offload
+    files) are page cache the kernel can drop, anonymous ones are not.
+    """
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.path = f"/proc/{pid}/status"
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self.running = True
+
+    def run(self) -> None:
+        while self.running:
+            try:
+                with open(self.path) as handle:
+                    for line in handle:
+                        key = line.split(":", 1)[0]
+                        if key in self.peak:
+                            kib = int(line.split()[1])
+                            self.peak[key] = max(self.peak[key], kib * 1024)
+            except (OSError, ValueError):
+                return
+            time.sleep(0.01)
+
+
+def run_child(args: list[str]) -> dict[str, object]:
+    """Run a child process; its wall time and peak RSS (bytes)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    poller = _Poller(proc.pid)
+    poller.start()
+    output = proc.stdout.read()
+    # wait4 reports this child's own rusage (RUSAGE_CHILDREN would be the
+    # maximum over every child waited for so far).
+    _, status, usage = os.wait4(proc.pid, 0)
+    poller.running = False
+    poller.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{output[-4000:]}")
+    return {
+        "wall_s": wall,
+        # ru_maxrss is in KiB on Linux.
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "peak_anon_bytes": poller.peak["RssAnon"],
+        "peak_file_bytes": poller.peak["RssFile"],
+    }
+
+
+def calibrate_args(
+    model: Path, text: Path, out: Path, cap: str | None, offload: Path | None
+) -> list[str]:
+    args = [
+        sys.executable,
+        "-m",
+        "mergekit_aim",
+        "calibrate",
+        str(model),
+        "-o",
+        str(out),
+        "--dataset",
+        str(text),
+        "--num-samples",
+        str(SAMPLES),
+        "--seq-len",
+        str(SEQ_LEN),
+        "--batch-size",
+        str(BATCH),
+        "--quiet",
+    ]
+    if cap is not None:
+        args += ["--max-memory", cap]
+    if offload is not None:
+        args += ["--offload-dir", str(offload)]
+    return args
+
+
+def compare(first: Path, second: Path) -> dict[str, object]:
+    from mergekit_aim.importance import ImportanceMap
+
+    a, b = ImportanceMap.load(first), ImportanceMap.load(second)
+    if set(a) != set(b):
+        return {"same_tensors": False, "equal": False, "max_rel_diff": None}
+    worst, equal = 0.0, True
+    for name in a:
+        equal = (
+            equal and torch.equal(a[name], b[name]) and a.count(name) == b.count(name)
+        )
+        scale = float(a[name].abs().max()) or 1.0
+        worst = max(worst, float((a[name] - b[name]).abs().max()) / scale)
+    return {
+        "same_tensors": True,
+        "blocks": a.provenance.get("calibration", {}).get("num_blocks"),
+        "tensors": len(a),
+        "equal": equal,
+        "max_rel_diff": worst,
+    }
+
+
+def parse_size(text: str) -> int:
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 1e3, "MB": 1e6}
+    units["GB"] = 1e9
+    for unit, factor in units.items():
+        if text.upper().endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def markdown(info, setting, rows, agreement, quick: bool) -> str:
+    mib = 2**20
+    s = setting["shape"]
+    lines = [
+        f"{common.machine_line(info)}; {'--quick' if quick else 'full'} settings.",
+        "",
+        f"Model: synthetic Llama (hidden {s['hidden']}, {s['layers']} layers, "
+        f"intermediate {s['intermediate']}, vocab {s['vocab']}), "
+        f"{setting['params'] / 1e6:.0f}M parameters: "
+        f"{setting['checkpoint_bytes'] / mib:.0f} MiB bf16 on disk, "
+        f"{setting['fp32_bytes'] / mib:.0f} MiB as the float32 weights calibration "
+        f"runs with on CPU. Calibration: {SAMPLES} texts packed into "
+        f"{setting['blocks']} blocks × {SEQ_LEN} tokens, batch {BATCH}. Peak RSS "
+        f"from `os.wait4` of each `mergekit-aim calibrate` child (anonymous and "
+        f"file-backed parts sampled from /proc every 10 ms); the baseline is the "
+        f"same command on a {TINY.hidden}-wide one-layer model (libraries, data, "
+        f"tokenizer: everything but the weights).",
+        "",
+        "| run | peak RSS (MiB) | above baseline | vs fp32 weights "
+        "| peak anonymous RSS (MiB) | above baseline | vs fp32 weights "
+        "| peak file-backed RSS (MiB) | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = setting["baseline_rss_bytes"]
+    base_anon = setting["baseline_anon_bytes"]
+    weights = setting["fp32_bytes"]
+    lines.append(
+        f"| baseline (tiny model) | {base / mib:.0f} | | "
+        f"| {base_anon / mib:.0f} | | | | |"
+    )
+    for r in rows:
+        rss, anon = r["peak_rss_bytes"], r["peak_anon_bytes"]
+        lines.append(
+            f"| {r['run']} | {rss / mib:.0f} | {(rss - base) / mib:.0f} "
+            f"| {(rss - base) / weights:.0%} | {anon / mib:.0f} "
+            f"| {(anon - base_anon) / mib:.0f} | {(anon - base_anon) / weights:.0%} "
+            f"| {r['peak_file_bytes'] / mib:.0f} | {r['wall_s']:.1f} |"
+        )
+    verdict = "equal" if agreement["equal"] else "not bit-equal"
+    lines += [
+        "",
+        f"Capped vs uncapped artifact: {agreement.get('tensors')} tensors, "
+        f"{verdict}, max relative difference {agreement['max_rel_diff']:.1e}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small model, ~1 min")
+    parser.add_argument("--out", type=Path, default=common.RESULTS)
+    parser.add_argument("--cap", default=None, help="--max-memory value")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    shape = QUICK if args.quick else FULL
+    cap = args.cap or (QUICK_CAP if args.quick else FULL_CAP)
+    info = common.machine_info()
+    with tempfile.TemporaryDirectory(prefix="aim-memory-bench-", dir=args.workdir) as t:
+        tmp = Path(t)
+        model, params = write_model(shape, tmp / "model")
+        text = write_text(tmp / "calibration.jsonl")
+        LOG.info("model: %d parameters in %s", params, model)
+        tiny, _ = write_model(TINY, tmp / "tiny")
+        baseline = run_child(
+            calibrate_args(tiny, text, tmp / "tiny.safetensors", None, None)
+        )
+        runs = [
+            ("uncapped", None, None),
+            (f"--max-memory {cap} --offload-dir", cap, tmp / "offload"),
+            ("uncapped (again)", None, None),
+        ]
+        rows = []
+        for index, (name, max_memory, offload) in enumerate(runs):
+            out = tmp / f"importance-{index}.safetensors"
+            result = run_child(calibrate_args(model, text, out, max_memory, offload))
+            rows.append({"run": name, "artifact": out.name, **result})
+            LOG.info(
+                "%s: peak RSS %.0f MiB, %.1f s",
+                name,
+                result["peak_rss_bytes"] / 2**20,
+                result["wall_s"],
+            )
+        agreement = compare(tmp / "importance-0.safetensors", tmp / rows[1]["artifact"])
+        checkpoint_bytes = (model / "model.safetensors").stat().st_size
+    setting = {
+        "shape": asdict(shape),
+        "params": params,
+        "checkpoint_bytes": checkpoint_bytes,
+        "fp32_bytes": 4 * params,
+        "cap": cap,
+        "cap_bytes": parse_size(cap),
+        "baseline_rss_bytes": baseline["peak_rss_bytes"],
+        "baseline_anon_bytes": baseline["peak_anon_bytes"],
+        "samples": SAMPLES,
+        "blocks": agreement.get("blocks"),
+        "seq_len": SEQ_LEN,
+        "batch": BATCH,
+    }
+    table = markdown(info, setting, rows, agreement, args.quick)
+    name = "memory-quick" if args.quick else "memory"
+    payload = {"machine": info, "quick": args.quick, "setting": setting}
+    payload.update(results=rows, agreement=agreement)
+    common.write_results(args.out, name, payload, table)
+    sys.stdout.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
