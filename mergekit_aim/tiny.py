@@ -431,6 +431,9 @@ def train_completions(
     batch_size: int = 32,
     lr: float = 1e-3,
     seed: int = 0,
+    replay: Sequence[str] = (),
+    replay_batch_size: int = 8,
+    replay_seq_len: int = 128,
 ) -> list[float]:
     """Supervised fine-tuning on ``(prompt, completion)`` pairs, in place.
 
@@ -439,7 +442,10 @@ def train_completions(
     instruction tuning). Batches of ``batch_size`` examples are drawn in seeded
     random order and right-padded; optimizer and schedule as
     :func:`train_causal_lm`. ``prompt + completion`` must tokenize with the
-    prompt's tokens as a prefix. Returns each step's loss.
+    prompt's tokens as a prefix. With ``replay`` texts, every step adds the
+    language-model loss of ``replay_batch_size`` packed blocks of them (replay
+    of pre-training data, which keeps the model from forgetting it). Returns
+    each step's loss (the sum of both terms).
     """
     rows = []
     for prompt, completion in pairs:
@@ -464,7 +470,19 @@ def train_completions(
             mask[i, : len(ids)] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
-    return _train(model, next_batch, steps=steps, lr=lr)
+    if not replay:
+        return _train(model, next_batch, steps=steps, lr=lr)
+    blocks = pack_blocks(tokenizer, replay, replay_seq_len)
+    if not blocks:
+        raise ValueError(f"the replay texts give fewer than {replay_seq_len} tokens")
+    replay_data = torch.stack(blocks)
+    draw_replay = _shuffled_batches(len(replay_data), replay_batch_size, seed + 1)
+
+    def next_batches() -> list[dict[str, torch.Tensor]]:
+        batch = replay_data[draw_replay()]
+        return [next_batch(), {"input_ids": batch, "labels": batch}]
+
+    return _train(model, next_batches, steps=steps, lr=lr)
 
 
 def _shuffled_batches(size: int, batch_size: int, seed: int) -> Any:
@@ -483,6 +501,8 @@ def _shuffled_batches(size: int, batch_size: int, seed: int) -> Any:
 
 
 def _train(model: Any, next_batch: Any, *, steps: int, lr: float) -> list[float]:
+    """AdamW with warm-up and cosine decay; ``next_batch()`` gives the model's
+    keyword arguments, or a list of them whose losses are summed."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, steps // 10)
@@ -498,7 +518,10 @@ def _train(model: Any, next_batch: Any, *, steps: int, lr: float) -> list[float]
     model.train()
     try:
         for _ in range(steps):
-            loss = model(**next_batch()).loss
+            batches = next_batch()
+            if isinstance(batches, dict):
+                batches = [batches]
+            loss = sum(model(**batch).loss for batch in batches)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -507,7 +507,8 @@ def markdown(document: Mapping[str, Any]) -> str:
         "uppercase / sort / count / largest over 3–5 spaced characters), each "
         f"{s['train_items']} generated items, loss on the answer only, "
         f"{s['item_steps']} steps of {s['item_batch_size']} items, lr "
-        f"{s['item_lr']:g}.",
+        f"{s['item_lr']:g}, each step plus the language-model loss on "
+        f"{s['replay_batch_size']} replayed blocks of the base's training text.",
         f"* Metrics on the test split: exact match (%) of the greedy answer on "
         f"{s['test_items']} math and {s['test_items']} instruction items; held-out "
         f"loss (nats/token) on ~{s['heldout_chars'] // 1000}k characters of `builtin` "

@@ -4,11 +4,13 @@ The base is a small Llama trained on ``builtin``'s mixed training split
 (prose, code, math, interleaved). Each expert is the base fine-tuned on one
 task only: ``code`` on ``builtin`` code (language-model loss), ``math`` and
 ``instructions`` on their generated training items (supervised fine-tuning:
-loss on the answer only, as in instruction tuning). The base is then
-calibrated on ``builtin`` (task-agnostic; the paper's protocol with the
-offline corpus). Everything is cached under a directory named by a hash of
-the settings and the corpus fingerprint, so a second run only merges and
-scores.
+loss on the answer only, as in instruction tuning, plus the language-model
+loss on a replayed batch of the base's training text at every step, so that
+these experts, like real fine-tuned models, keep most of what the base
+knew). The base is then calibrated on ``builtin`` (task-agnostic; the
+paper's protocol with the offline corpus). Everything is cached under a
+directory named by a hash of the settings and the corpus fingerprint, so a
+second run only merges and scores.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Settings:
     item_steps: int
     item_lr: float
     item_batch_size: int
+    replay_batch_size: int
     code_chars: int
     train_items: int
     validation_items: int
@@ -105,6 +108,7 @@ FULL = Settings(
     item_steps=500,
     item_lr=2e-3,
     item_batch_size=64,
+    replay_batch_size=8,
     code_chars=300_000,
     train_items=6000,
     validation_items=60,
@@ -133,6 +137,7 @@ QUICK = Settings(
     item_steps=100,
     item_lr=3e-3,
     item_batch_size=64,
+    replay_batch_size=8,
     code_chars=100_000,
     train_items=2000,
     validation_items=40,
@@ -285,6 +290,9 @@ def build_models(settings: Settings, data: TaskData, cache_dir: Path) -> Models:
                 lr=settings.item_lr,
                 batch_size=settings.item_batch_size,
                 seed=settings.seed + 1 + i,
+                replay=data.base_train,
+                replay_batch_size=settings.replay_batch_size,
+                replay_seq_len=settings.seq_len,
             )
         log[f"{task}_loss"] = [losses[0], losses[-1]]
         LOG.info("quality: %s expert loss %.3f -> %.3f", task, losses[0], losses[-1])
