@@ -162,17 +162,23 @@ class LoadCounter:
 
 
 class AimTimer:
-    """Time spent in AIM's own code during merges, by part (wall seconds).
+    """Time spent in AIM's own code during merges, by part.
 
     Wraps the per-merge planning session (artifact, checks, routing, coverage
-    report) and the per-tensor relaxation. Robust to machine noise in a way the
-    end-to-end difference is not: it is the sum of the parts AIM adds, timed
-    where they run. On CUDA the relaxation is timed after a synchronisation.
+    report) and the per-tensor relaxation, and adds up the CPU time of the
+    calling thread (``time.thread_time``; mergekit's executor runs tasks in the
+    calling thread) and the wall time. Robust to machine noise in a way the
+    end-to-end difference of two merges is not: it is the sum of the parts AIM
+    adds, timed where they run. On CUDA the relaxation is timed after a
+    synchronisation, and only its wall time means anything.
     """
+
+    PARTS = ("planning", "relax")
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
-        self.seconds = {"planning": 0.0, "relax": 0.0}
+        self.cpu = dict.fromkeys(self.PARTS, 0.0)
+        self.wall = dict.fromkeys(self.PARTS, 0.0)
         self._patches: list[tuple[object, str, object]] = []
 
     def _wrap(self, owner: object, name: str, part: str, *, static: bool) -> None:
@@ -181,14 +187,15 @@ class AimTimer:
         sync = torch.cuda.synchronize if self.cuda and part == "relax" else None
 
         def timed(*args, **kwargs):
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.thread_time()
             try:
                 result = function(*args, **kwargs)
                 if sync is not None:
                     sync()
                 return result
             finally:
-                self.seconds[part] += time.perf_counter() - start
+                self.cpu[part] += time.thread_time() - cpu
+                self.wall[part] += time.perf_counter() - wall
 
         setattr(owner, name, classmethod(timed) if static else timed)
         self._patches.append((owner, name, original))
@@ -247,8 +254,14 @@ def measure_method(
             sync=sync,
         )
     plain_wall, aim_wall = times["plain"]["wall"], times["aim"]["wall"]
-    own = {part: seconds / repeat for part, seconds in timer.seconds.items()}
-    aim_median = common.median(aim_wall)
+    # Per AIM merge; against the rest of the same merges on the same clock.
+    own_cpu = {part: seconds / repeat for part, seconds in timer.cpu.items()}
+    own_wall = {part: seconds / repeat for part, seconds in timer.wall.items()}
+    aim_cpu = common.median(times["aim"]["cpu"])
+    aim_wall_median = common.median(aim_wall)
+    clock, own, total = (
+        ("wall", own_wall, aim_wall_median) if cuda else ("cpu", own_cpu, aim_cpu)
+    )
     return {
         "method": method,
         "device": device,
@@ -259,9 +272,12 @@ def measure_method(
         "ratio_cpu_time": common.median(times["aim"]["cpu"])
         / common.median(times["plain"]["cpu"]),
         "artifact_loads_per_aim_merge": counter.calls / repeat,
+        "aim_own_cpu_s": own_cpu,
+        "aim_own_wall_s": own_wall,
+        "aim_own_clock": clock,
         "aim_own_s": own,
         # AIM's own time over the rest of the AIM merge (its inner merge, I/O).
-        "aim_own_fraction": sum(own.values()) / (aim_median - sum(own.values())),
+        "aim_own_fraction": sum(own.values()) / (total - sum(own.values())),
         "plain_runs": plain_wall,
         "aim_runs": aim_wall,
         "plain_cpu_runs": times["plain"]["cpu"],
@@ -281,7 +297,10 @@ def markdown(info, setting, rows, quick: bool) -> str:
         f"{setting['artifact_tensors']} statistics (measured on "
         f"{setting['calibration_tokens']} random tokens). Median of "
         f"{setting['repeat']} alternating rounds after one warm-up each; the "
-        f"ratio is the median of per-round AIM/plain ratios.",
+        f"ratio is the median of per-round AIM/plain ratios. AIM's own time is "
+        f"what its planning session and relaxation took inside the AIM merges "
+        f"(CPU time of the merging thread on CPU rows, wall time on CUDA rows), "
+        f"set against the rest of those merges on the same clock.",
         "",
         "| method | device | plain s | AIM s | AIM / plain (wall) "
         "| ratio of medians | AIM / plain (CPU time) | AIM's own s (planning "
