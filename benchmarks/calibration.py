@@ -95,11 +95,19 @@ def llama_config(size: Size, *, max_positions: int = 1024):
     )
 
 
+DEVICE = torch.device("cpu")
+
+
 def random_llama(size: Size, seed: int = 0) -> nn.Module:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(llama_config(size)).eval()
+    return LlamaForCausalLM(llama_config(size)).eval().to(DEVICE)
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -181,13 +189,14 @@ def head_to_head(plan: Plan) -> tuple[list[dict[str, object]], dict[str, object]
     model = random_llama(size)
     gen = torch.Generator().manual_seed(1)
     blocks = torch.randint(0, VOCAB, (plan.blocks, plan.seq_len), generator=gen)
+    blocks = blocks.to(DEVICE)
     tokens = blocks.numel()
     warm = variants(model, blocks[: min(plan.batch, plan.blocks)], plan.batch)
     for name, fn in warm.items():
         fn()
         LOG.info("warmed up %s", name)
     times = common.round_robin(
-        variants(model, blocks, plan.batch), plan.repeat, log=LOG.info
+        variants(model, blocks, plan.batch), plan.repeat, log=LOG.info, sync=_sync
     )
     rows = []
     for name, t in times.items():
@@ -206,6 +215,7 @@ def head_to_head(plan: Plan) -> tuple[list[dict[str, object]], dict[str, object]
     agreement = statistic_agreement(model, blocks, plan.batch)
     setting = {
         "model": asdict(size),
+        "device": str(DEVICE),
         "params": parameter_count(model),
         "blocks": plan.blocks,
         "seq_len": plan.seq_len,
@@ -271,13 +281,13 @@ def scaling(plan: Plan) -> list[dict[str, object]]:
     model = random_llama(SIZES[plan.size])
     params = parameter_count(model)
     most = max(plan.block_counts)
-    blocks = torch.randint(0, VOCAB, (most, plan.seq_len), generator=gen)
+    blocks = torch.randint(0, VOCAB, (most, plan.seq_len), generator=gen).to(DEVICE)
     ours(model, blocks[: plan.batch], plan.batch)
     cases = {
         count: (lambda c=count, m=model: ours(m, blocks[:c], plan.batch))
         for count in plan.block_counts
     }
-    for count, t in common.round_robin(cases, 2).items():
+    for count, t in common.round_robin(cases, 2, sync=_sync).items():
         seconds = common.median(t["cpu"])
         rows.append(_scaling_row("blocks", plan.size, params, count, plan, seconds))
         LOG.info("scaling: %d blocks on %s: %.2f s", count, plan.size, seconds)
@@ -290,7 +300,7 @@ def scaling(plan: Plan) -> list[dict[str, object]]:
             "ours": lambda m=model: ours(m, blocks, plan.batch),
             "paper-style": lambda m=model: paper_style(m, blocks),
         }
-        for variant, t in common.round_robin(cases, 2).items():
+        for variant, t in common.round_robin(cases, 2, sync=_sync).items():
             seconds = common.median(t["cpu"])
             row = _scaling_row("size", name, params, len(blocks), plan, seconds)
             row["variant"] = variant
@@ -372,7 +382,8 @@ def markdown(
         "",
         f"Model: random-weight Llama, hidden {model['hidden']}, {model['layers']} "
         f"layers, vocab {VOCAB}, {setting['params'] / 1e6:.0f}M parameters, "
-        f"float32. Data: {setting['blocks']} blocks × {setting['seq_len']} tokens "
+        f"float32, on {setting['device']}. Data: {setting['blocks']} blocks × "
+        f"{setting['seq_len']} tokens "
         f"({setting['tokens']} tokens); medians of {setting['repeat']} round-robin "
         f"rounds. CPU time is this process's (all threads); wall time includes "
         f"waiting for cores other jobs hold.",
@@ -482,10 +493,17 @@ def main(argv: list[str] | None = None) -> int:
         help="torch CPU threads (default: torch's; 1 gives reproducible CPU "
         "times on a shared machine)",
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model runs (cuda: then compare wall-time columns)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     common.set_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
 
     plan = QUICK if args.quick else FULL
     if args.repeat:

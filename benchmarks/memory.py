@@ -4,13 +4,13 @@ Usage: ``python benchmarks/memory.py [--quick] [--out DIR] [--cap SIZE]
 [--workdir DIR]``.
 
 Writes a synthetic Llama (random bf16 weights, a locally trained tokenizer, a
-small text file as the calibration set) whose float32 weights — what
+small JSON-lines calibration set) whose float32 weights — what
 calibration on CPU computes with — are several times the cap, then runs
 ``python -m mergekit_aim calibrate`` on it in a subprocess three ways:
 uncapped, ``--max-memory CAP --offload-dir DIR``, and uncapped again (so a
-warm page cache favours neither). Each child's peak resident set size comes
-from ``os.wait4`` (the kernel's ``ru_maxrss`` of that child alone), next to
-the RSS of the same command on a tiny model (the interpreter, libraries, data
+warm page cache favours neither). Each child's peak resident set size is its
+``VmHWM`` polled from /proc (see ``_Poller``), next to the peak of the same
+command on a tiny model (the interpreter, libraries, data
 and tokenizer: what any run costs besides the weights). The capped
 artifact must equal the uncapped one. Results go to ``DIR/memory.json`` and
 ``.md`` (``-quick`` suffix with ``--quick``).
@@ -85,16 +85,21 @@ def write_text(path: Path) -> Path:
 
 
 class _Poller(threading.Thread):
-    """Largest anonymous and file-backed RSS of a process, sampled every 10 ms.
+    """Peak RSS of a process from /proc, sampled every 10 ms.
 
-    ``ru_maxrss`` counts both; file-backed pages (mapped checkpoints, offload
-    files) are page cache the kernel can drop, anonymous ones are not.
+    ``VmHWM`` is the kernel's high-water mark of this process's own address
+    space (exact, whenever it is read). ``ru_maxrss`` from ``wait4`` is not
+    usable here: Linux carries the spawning process's high-water mark into the
+    child at ``exec``, so it reports at least the parent's RSS. The largest
+    anonymous and file-backed parts are sampled: file-backed pages (libraries,
+    mapped checkpoints, offload files) are page cache the kernel can drop,
+    anonymous ones are not.
     """
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
         self.path = f"/proc/{pid}/status"
-        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self.peak = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
         self.running = True
 
     def run(self) -> None:
@@ -120,8 +125,6 @@ def run_child(args: list[str]) -> dict[str, object]:
     poller = _Poller(proc.pid)
     poller.start()
     output = proc.stdout.read()
-    # wait4 reports this child's own rusage (RUSAGE_CHILDREN would be the
-    # maximum over every child waited for so far).
     _, status, usage = os.wait4(proc.pid, 0)
     poller.running = False
     poller.join()
@@ -131,8 +134,9 @@ def run_child(args: list[str]) -> dict[str, object]:
         raise RuntimeError(f"{' '.join(args)} failed:\n{output[-4000:]}")
     return {
         "wall_s": wall,
-        # ru_maxrss is in KiB on Linux.
-        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "peak_rss_bytes": poller.peak["VmHWM"],
+        # Includes the parent's RSS at spawn (see _Poller); recorded, not used.
+        "ru_maxrss_bytes": usage.ru_maxrss * 1024,
         "peak_anon_bytes": poller.peak["RssAnon"],
         "peak_file_bytes": poller.peak["RssFile"],
     }
@@ -210,7 +214,7 @@ def markdown(info, setting, rows, agreement, quick: bool) -> str:
         f"{setting['fp32_bytes'] / mib:.0f} MiB as the float32 weights calibration "
         f"runs with on CPU. Calibration: {SAMPLES} texts packed into "
         f"{setting['blocks']} blocks × {SEQ_LEN} tokens, batch {BATCH}. Peak RSS "
-        f"from `os.wait4` of each `mergekit-aim calibrate` child (anonymous and "
+        f"of each `mergekit-aim calibrate` child: its VmHWM (anonymous and "
         f"file-backed parts sampled from /proc every 10 ms); the baseline is the "
         f"same command on a {TINY.hidden}-wide one-layer model (libraries, data, "
         f"tokenizer: everything but the weights).",
