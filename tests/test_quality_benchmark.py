@@ -278,3 +278,39 @@ def test_merge_grid_and_configs(tmp_path):
     assert [m["parameters"] for m in config["models"]] == [
         {"weight": pytest.approx(1 / 3), "density": 0.5}
     ] * 3
+
+
+def test_train_completions_scores_only_the_answer(tokenizer, monkeypatch):
+    from mergekit_aim import tiny
+
+    model = tiny.tiny_model("llama", len(tokenizer), hidden_size=32, seed=0)
+    seen = []
+    forward = type(model).forward
+
+    def spy(self, **batch):
+        seen.append({k: v.clone() for k, v in batch.items()})
+        return forward(self, **batch)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    items = [tasks.math_item(random.Random(i)) for i in range(4)]
+    replay = tiny.generate_sentences(40, seed=0)
+    losses = tiny.train_completions(
+        model,
+        tokenizer,
+        [(i.prompt, i.answer) for i in items],
+        steps=2,
+        batch_size=2,
+        replay=replay,
+        replay_batch_size=1,
+        replay_seq_len=16,
+    )
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    items_batch, replay_batch = seen[0], seen[1]
+    for row, labels in zip(items_batch["input_ids"], items_batch["labels"]):
+        scored = row[labels != -100].tolist()
+        assert scored[-1] == tokenizer.eos_token_id
+        text = tokenizer.decode(scored[:-1])
+        assert any(text == i.answer for i in items)
+    assert torch.equal(replay_batch["input_ids"], replay_batch["labels"])
+    with pytest.raises(ValueError, match="prefix"):
+        tiny.train_completions(model, tokenizer, [("Answ", "er: 2")], steps=1)
