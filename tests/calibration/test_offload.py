@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from mergekit_aim.calibration import collect
+from mergekit_aim.calibration import collect, host_memory
 
 
 def _settings(dataset):
@@ -56,7 +56,7 @@ def test_release_mapped_pages_drops_a_touched_mapping(tmp_path):
     with open(path, "rb") as handle:
         view = mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ)
         try:
-            with collect._release_mapped_pages([str(path)], interval=0.01):
+            with host_memory.release_mapped_pages([str(path)], interval=0.01):
                 total = sum(view[i] for i in range(0, size, mmap.PAGESIZE))
                 touched = _rss_file_kib()
                 import time
@@ -68,12 +68,12 @@ def test_release_mapped_pages_drops_a_touched_mapping(tmp_path):
             assert view[size - 1] == 1
         finally:
             view.close()
-    if collect._libc_madvise() is None:
+    if host_memory.libc_madvise() is None:
         pytest.skip("no madvise")
     assert released < touched - (32 << 10), (touched, released)
 
 
 def test_release_mapped_pages_without_files_is_a_no_op():
-    with collect._release_mapped_pages([]):
+    with host_memory.release_mapped_pages([]):
         pass
-    collect._trim_heap()
+    host_memory.trim_heap()
