@@ -56,6 +56,13 @@ class Size:
     layers: int
     intermediate: int
 
+    @property
+    def shape(self) -> common.LlamaShape:
+        heads = self.hidden // 64
+        return common.LlamaShape(
+            self.hidden, self.intermediate, self.layers, heads, heads, VOCAB
+        )
+
 
 SIZES = {
     "small": Size("small", 512, 4, 1376),
@@ -80,21 +87,6 @@ FULL = Plan("medium", 8, 512, 4, 3, (2, 4, 8, 16), 4, ("small", "medium", "large
 QUICK = Plan("small", 8, 256, 4, 3, (2, 4, 8), 4, ("small", "medium"))
 
 
-def llama_config(size: Size, *, max_positions: int = 1024):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=size.hidden,
-        intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers,
-        num_attention_heads=size.hidden // 64,
-        num_key_value_heads=size.hidden // 64,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=False,
-    )
-
-
 DEVICE = torch.device("cpu")
 
 
@@ -102,7 +94,8 @@ def random_llama(size: Size, seed: int = 0) -> nn.Module:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(llama_config(size)).eval().to(DEVICE)
+    config = common.llama_config(size.shape, max_position_embeddings=1024)
+    return LlamaForCausalLM(config).eval().to(DEVICE)
 
 
 def _sync() -> None:
