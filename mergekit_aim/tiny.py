@@ -214,32 +214,25 @@ def tiny_config(
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
     )
+    # Llama and Qwen2 share one decoder shape; Qwen2 adds biases (its own
+    # architecture) and ties its embeddings.
+    decoder = dict(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=_MAX_POSITIONS,
+    )
     if family == "llama":
         from transformers import LlamaConfig
 
-        settings = dict(
-            hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 2),
-            max_position_embeddings=_MAX_POSITIONS,
-            tie_word_embeddings=False,
-        )
+        settings = dict(decoder, tie_word_embeddings=False)
         return LlamaConfig(**{**common, **settings, **overrides})
     if family == "qwen2":
         from transformers import Qwen2Config
 
-        settings = dict(
-            hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 2),
-            max_position_embeddings=_MAX_POSITIONS,
-            tie_word_embeddings=True,
-            use_sliding_window=False,
-        )
+        settings = dict(decoder, tie_word_embeddings=True, use_sliding_window=False)
         return Qwen2Config(**{**common, **settings, **overrides})
     if family == "gpt2":
         from transformers import GPT2Config
