@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
+from kernel_backends import BACKENDS, needs_interpreter
 
 from mergekit_aim.kernels import _torch, aim_relax
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-BACKENDS = [
-    "auto",
-    "torch",
-    pytest.param(
-        "triton",
-        marks=pytest.mark.skipif(
-            not INTERPRETED, reason="Triton on CPU needs TRITON_INTERPRET=1"
-        ),
-    ),
-]
 # Half an ulp of the output dtype, doubled for the float32 arithmetic before it.
 RTOL = {torch.float32: 4e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}
 
@@ -167,7 +156,7 @@ def test_torch_blocks_cover_everything(monkeypatch, block_elems, case):
     check(out, base, merged, importance, 0.25, axis % len(shape))
 
 
-@pytest.mark.skipif(not INTERPRETED, reason="Triton on CPU needs TRITON_INTERPRET=1")
+@needs_interpreter
 @pytest.mark.parametrize(
     "case", [((300, 3), -1), ((3, 300), 0), ((20, 3, 70), 1)], ids=str
 )

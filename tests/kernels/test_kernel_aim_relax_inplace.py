@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_kernel_aim_relax import BACKENDS, make, statistic
+from kernel_backends import BACKENDS
+from test_kernel_aim_relax import make, statistic
 
 from mergekit_aim.kernels import aim_relax, aim_relax_
 

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from kernel_backends import BACKENDS, needs_interpreter
 
 from mergekit_aim.kernels import _torch, channel_abs_sum, channel_abs_sum_
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-BACKENDS = [
-    "auto",
-    "torch",
-    pytest.param(
-        "triton",
-        marks=pytest.mark.skipif(
-            not INTERPRETED, reason="Triton on CPU needs TRITON_INTERPRET=1"
-        ),
-    ),
-]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
@@ -128,7 +116,7 @@ def test_torch_blocks_cover_everything(monkeypatch, block_elems, view):
     check(channel_abs_sum(x, backend="torch"), x)
 
 
-@pytest.mark.skipif(not INTERPRETED, reason="Triton on CPU needs TRITON_INTERPRET=1")
+@needs_interpreter
 def test_triton_row_splits():
     # Enough rows for several programs per column block and a ragged last split.
     x = make((2500, 7), torch.float16)
