@@ -192,7 +192,7 @@ def aim_method(inner: str | MergeMethod, *, register: bool = True) -> MergeMetho
     one exists for the same inner method.
     """
     if isinstance(inner, str):
-        if inner.startswith(PREFIX) and _registered(inner) is not None:
+        if inner.startswith(PREFIX):
             found = _registered(inner)
             if isinstance(found, AimMergeMethod):
                 return found
