@@ -119,6 +119,14 @@ def run_device(device: torch.device, sizes, repeat: int) -> list[dict[str, objec
     backends = ["torch"]
     if device.type == "cuda":
         backends.insert(0, "triton")
+    relax_backends = list(backends)
+    if device.type == "cpu":
+        from mergekit_aim.kernels import _native
+
+        if _native.available():
+            relax_backends.append("native")
+        else:
+            LOG.warning("native CPU relaxation unavailable: its rows are left out")
     cases = []
     for backend in backends:
         cases.append(
@@ -130,6 +138,7 @@ def run_device(device: torch.device, sizes, repeat: int) -> list[dict[str, objec
                 lambda: eager_channel_abs_sum(x),
             )
         )
+    for backend in relax_backends:
         cases.append(
             (
                 "aim_relax",

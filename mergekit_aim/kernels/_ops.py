@@ -1,10 +1,12 @@
 """The ``torch.ops.mergekit_aim`` custom ops and the Python entry points.
 
 Each op has a default kernel (the torch implementation: CPU and any device
-without a better one), a CUDA kernel (Triton when it can be imported, torch
-otherwise) and a fake implementation, so ``torch.compile(fullgraph=True)``
-traces callers. The entry points add a ``backend`` argument that bypasses
-dispatch, which is how tests run either implementation on CPU tensors.
+without a better one; for the relaxation on CPU, the native C loop when it can
+be built and handles the tensors), a CUDA kernel (Triton when it can be
+imported, torch otherwise) and a fake implementation, so
+``torch.compile(fullgraph=True)`` traces callers. The entry points add a
+``backend`` argument that bypasses dispatch, which is how tests run every
+implementation on CPU tensors.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import logging
 from types import ModuleType
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from mergekit_aim.kernels import _torch
+from mergekit_aim.kernels import _native, _torch
 from mergekit_aim.kernels._checks import (
     check_aim_relax,
     check_aim_relax_,
@@ -67,9 +70,64 @@ def _cuda_impl() -> ModuleType:
 def _impl(backend: str, device: torch.device) -> ModuleType:
     if backend == "torch":
         return _torch
+    if backend == "native":
+        return _native
     if backend == "triton":
         return _require_triton(device)
     return _cuda_impl() if device.type == "cuda" else _torch
+
+
+def _eager(*tensors: torch.Tensor) -> bool:
+    """Whether an "auto" call may run its kernel without the dispatcher.
+
+    Entering a Python custom op through ``torch.ops`` costs tens of
+    microseconds per call (a measurable share of a merge's relaxation, one call
+    per tensor, and of calibration hooks). The dispatcher is needed only for
+    tracing, fake tensors and other subclasses, dispatch modes and autograd;
+    a plain eager call on plain tensors goes straight to the kernel the op
+    would have picked.
+    """
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+        return False
+    return all(type(t) is torch.Tensor and not t.requires_grad for t in tensors)
+
+
+def _device_impl(device: torch.device):
+    """The kernels the ops dispatch to for ``device`` (as registered below)."""
+    return _cuda_impl() if device.type == "cuda" else _torch
+
+
+def _cpu_aim_relax(
+    base: torch.Tensor,
+    merged: torch.Tensor,
+    importance: torch.Tensor,
+    omega: float,
+    axis: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The relaxation's default kernel: the native loop where it applies."""
+    if out is None:
+        out = torch.empty(merged.shape, dtype=merged.dtype, device=merged.device)
+    if (
+        merged.device.type == "cpu"
+        and _native.available()
+        and _native.supports(out, merged, base)
+    ):
+        return _native.aim_relax(base, merged, importance, omega, axis, out=out)
+    return _torch.aim_relax(base, merged, importance, omega, axis, out=out)
+
+
+def _device_aim_relax(
+    base: torch.Tensor,
+    merged: torch.Tensor,
+    importance: torch.Tensor,
+    omega: float,
+    axis: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    if merged.device.type == "cuda":
+        return _cuda_impl().aim_relax(base, merged, importance, omega, axis, out=out)
+    return _cpu_aim_relax(base, merged, importance, omega, axis, out=out)
 
 
 # --- channel_abs_sum -----------------------------------------------------------
@@ -122,7 +180,7 @@ def _aim_relax_op(
     input_axis: int,
 ) -> torch.Tensor:
     axis = check_aim_relax(base, merged, importance, omega, input_axis)
-    return _torch.aim_relax(base, merged, importance, omega, axis)
+    return _cpu_aim_relax(base, merged, importance, omega, axis)
 
 
 @_aim_relax_op.register_kernel("cuda")
@@ -158,7 +216,7 @@ def _aim_relax_inplace_op(
     input_axis: int,
 ) -> None:
     axis = check_aim_relax_(merged, base, importance, omega, input_axis)
-    _torch.aim_relax(base, merged, importance, omega, axis, out=merged)
+    _cpu_aim_relax(base, merged, importance, omega, axis, out=merged)
 
 
 @_aim_relax_inplace_op.register_kernel("cuda")
@@ -195,12 +253,14 @@ def channel_abs_sum(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     float32 (float64 too) without materialising ``|x|`` or a float32 copy of it,
     and never written. ``backend``: "auto" (the custom op: Triton for CUDA
     tensors, torch elsewhere), "torch", or "triton" (CUDA, or CPU under
-    ``TRITON_INTERPRET=1``).
+    ``TRITON_INTERPRET=1``); "native" implements only the relaxation.
     """
     check_backend(backend)
-    if backend == "auto":
+    if backend == "auto" and not _eager(x):
         return torch.ops.mergekit_aim.channel_abs_sum(x)
     check_channel_abs_sum(x)
+    if backend == "auto":
+        return _device_impl(x.device).channel_abs_sum(x)
     return _impl(backend, x.device).channel_abs_sum(x)
 
 
@@ -213,11 +273,12 @@ def channel_abs_sum_(
     the streaming form for calibration hooks.
     """
     check_backend(backend)
-    if backend == "auto":
+    if backend == "auto" and not _eager(acc, x):
         torch.ops.mergekit_aim.channel_abs_sum_(acc, x)
         return acc
     check_channel_abs_sum_(acc, x)
-    _impl(backend, x.device).channel_abs_sum_(acc, x)
+    impl = _device_impl(x.device) if backend == "auto" else _impl(backend, x.device)
+    impl.channel_abs_sum_(acc, x)
     return acc
 
 
@@ -240,14 +301,22 @@ def aim_relax(
     dtypes; the arithmetic is float32 and the result is a new contiguous tensor
     of ``merged``'s dtype. Inputs are never written. ``omega`` in [0, 1].
     Raises ValueError on any violation.
+
+    ``backend``: "auto" (the custom op: Triton for CUDA tensors; on CPU the
+    native C loop, see :mod:`mergekit_aim.kernels._native`, where it can be
+    built and handles the dtypes, else torch), "torch", "triton" (CUDA, or CPU
+    under ``TRITON_INTERPRET=1``) or "native" (contiguous CPU tensors of one
+    dtype among bfloat16, float16, float32; bit-identical to "torch").
     """
     check_backend(backend)
     omega = check_omega(omega)
-    if backend == "auto":
+    if backend == "auto" and not _eager(base, merged, importance):
         return torch.ops.mergekit_aim.aim_relax(
             base, merged, importance, omega, input_axis
         )
     axis = check_aim_relax(base, merged, importance, omega, input_axis)
+    if backend == "auto":
+        return _device_aim_relax(base, merged, importance, omega, axis)
     return _impl(backend, merged.device).aim_relax(
         base, merged, importance, omega, axis
     )
@@ -270,11 +339,14 @@ def aim_relax_(
     """
     check_backend(backend)
     omega = check_omega(omega)
-    if backend == "auto":
+    if backend == "auto" and not _eager(merged, base, importance):
         torch.ops.mergekit_aim.aim_relax_(merged, base, importance, omega, input_axis)
         return merged
     axis = check_aim_relax_(merged, base, importance, omega, input_axis)
-    _impl(backend, merged.device).aim_relax(
-        base, merged, importance, omega, axis, out=merged
-    )
+    if backend == "auto":
+        _device_aim_relax(base, merged, importance, omega, axis, out=merged)
+    else:
+        _impl(backend, merged.device).aim_relax(
+            base, merged, importance, omega, axis, out=merged
+        )
     return merged

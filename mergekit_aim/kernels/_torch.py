@@ -64,8 +64,18 @@ def channel_abs_sum(x: torch.Tensor) -> torch.Tensor:
 def relax_factor(importance: torch.Tensor, omega: float) -> torch.Tensor:
     """Float32 ``f = 1 − s·(1 − ω)`` with ``s = |a| / max|a|`` (``s = 0`` if max is 0).
 
-    No host synchronisation: the zero test is a ``where`` on the device.
+    No host synchronisation on accelerators: the zero test is a ``where`` on the
+    device. On CPU, where reading the maximum costs nothing, the same arithmetic
+    runs as three in-place ops instead of eight (a merge computes one factor per
+    tensor, and each torch op costs microseconds); the results are bit-identical.
     """
+    if importance.device.type == "cpu":
+        a = importance.to(torch.float32, copy=True).abs_()
+        amax = float(a.amax())
+        if not amax > 0:  # zero, or NaN: s = 0, as the where() below gives
+            return torch.ones_like(a)
+        # x·(ω − 1) + 1 rounds exactly as 1 − x·(1 − ω): negation is exact.
+        return a.div_(amax).mul_(omega - 1.0).add_(1.0)
     a = importance.to(torch.float32).abs()
     amax = a.amax()
     s = torch.where(amax > 0, a / torch.where(amax > 0, amax, 1.0), 0.0)

@@ -154,3 +154,50 @@ def test_import_hygiene_in_a_fresh_interpreter():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_calls_skip_the_dispatcher_only_when_nothing_watches(monkeypatch):
+    """Plain eager calls run the kernel directly (the dispatcher costs tens of
+    microseconds per tensor); a dispatch mode, autograd or a subclass still sees
+    the op, so tracing and debugging tools keep working."""
+    from mergekit_aim.kernels import aim_relax_
+
+    base, merged, stat = _x(4, 9), _x(4, 9) + 1, torch.rand(9)
+    entered = []
+    real = torch.ops.mergekit_aim.aim_relax_
+
+    class Spy:
+        def __call__(self, *args):
+            entered.append(args)
+            return real(*args)
+
+        def __getattr__(self, name):  # .default and friends, used by redispatch
+            return getattr(real, name)
+
+    monkeypatch.setattr(torch.ops.mergekit_aim, "aim_relax_", Spy())
+    expected = aim_relax(base, merged, stat, 0.4, backend="torch")
+    result = aim_relax_(merged.clone(), base, stat, 0.4)
+    assert not entered
+    assert torch.equal(result, expected)
+
+    with _OpLog() as log:
+        watched = aim_relax_(merged.clone(), base, stat, 0.4)
+    assert len(entered) == 1
+    assert any("mergekit_aim.aim_relax_" in op for op in log.ops)
+    assert torch.equal(watched, expected)
+
+    with _OpLog() as log:
+        aim_relax(base, merged, stat, 0.4)
+        channel_abs_sum(merged)
+    assert any("mergekit_aim.aim_relax.default" in op for op in log.ops)
+    assert any("mergekit_aim.channel_abs_sum.default" in op for op in log.ops)
