@@ -124,9 +124,7 @@ def _extend_planner(module: ModuleType) -> None:
         self._aim_session = AimMergeSession.prepare(self.config, self.options)
         try:
             result = original_plan(self, *args, **kwargs)
-            self.config._aim_report = self._aim_session.finish(
-                quiet=self.options.quiet
-            )
+            self.config._aim_report = self._aim_session.finish(quiet=self.options.quiet)
         finally:
             self._aim_session = None
         return result

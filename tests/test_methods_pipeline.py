@@ -2,7 +2,6 @@
 graph -> writer), in process: the AIM output equals the formula applied to the
 plain output of the same config and seed."""
 
-
 import pytest
 import torch
 import yaml
