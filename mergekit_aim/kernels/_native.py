@@ -236,7 +236,17 @@ def _build() -> Path:
     target = folder / f"aim_relax-{key}.so"
     if target.exists():
         return target
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return _compile(cc, folder, target)
+    except OSError as err:
+        raise NativeKernelUnavailable(
+            f"cannot build into {folder} ({err}); set MERGEKIT_AIM_CACHE to a "
+            f"writable directory"
+        ) from err
+
+
+def _compile(cc: str, folder: Path, target: Path) -> Path:
     errors = []
     with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as tmp:
         built = Path(tmp) / target.name

@@ -237,3 +237,12 @@ def test_unknown_mode_is_refused(monkeypatch):
     monkeypatch.setenv(_native.MODE_ENV, "fast")
     with pytest.raises(ValueError, match="MERGEKIT_AIM_CPU_KERNEL='fast'"):
         aim_relax(torch.zeros(2, 3), torch.ones(2, 3), torch.ones(3), 0.4)
+
+
+@needs_compiler
+def test_unwritable_cache_is_reported(fresh_native, monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the cache directory should be")
+    monkeypatch.setenv("MERGEKIT_AIM_CACHE", str(blocker))
+    with pytest.raises(_native.NativeKernelUnavailable, match="cannot build into"):
+        _native.library()
