@@ -160,6 +160,16 @@ def merged_leading_dims(x: torch.Tensor) -> torch.Tensor:
     return x.as_strided(sizes, strides, x.storage_offset())
 
 
+def around_axis(shape: tuple[int, ...], axis: int) -> tuple[int, int, int]:
+    """``(outer, channels, inner)``: ``shape`` seen as ``[outer, shape[axis], inner]``.
+
+    How the fused kernels address a weight whose statistic runs along ``axis``
+    (contiguous layout): ``inner == 1`` for Linear ``[out, in]`` and norms, > 1
+    for GPT-2 Conv1D ``[in, out]`` and inner axes of N-D weights.
+    """
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
+
+
 def index_blocks(shape: tuple[int, ...], max_elems: int, keep_last: bool):
     """Yield index tuples that tile a tensor of ``shape`` in order.
 

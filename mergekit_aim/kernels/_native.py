@@ -22,7 +22,6 @@ import ctypes
 import functools
 import hashlib
 import logging
-import math
 import os
 import platform
 import shutil
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from mergekit_aim.kernels._checks import around_axis
 from mergekit_aim.kernels._torch import relax_factor
 
 LOG = logging.getLogger(__name__)
@@ -324,10 +324,7 @@ def aim_relax(
     if out.numel() == 0:
         return out
     factor = relax_factor(importance, omega).contiguous()
-    shape = tuple(merged.shape)
-    outer = math.prod(shape[:axis])
-    inner = math.prod(shape[axis + 1 :])
-    channels = shape[axis]
+    outer, channels, inner = around_axis(tuple(merged.shape), axis)
     size = merged.element_size()
     o, m, b, f = (t.data_ptr() for t in (out, merged, base, factor))
     if inner == 1:

@@ -68,6 +68,8 @@ def _cuda_impl() -> ModuleType:
 
 
 def _impl(backend: str, device: torch.device) -> ModuleType:
+    """The module of ``backend``'s kernels; for "auto", the channel sums' kernels
+    the ops dispatch to on ``device`` (the relaxation's: ``_default_aim_relax``)."""
     if backend == "torch":
         return _torch
     if backend == "native":
@@ -92,12 +94,7 @@ def _eager(*tensors: torch.Tensor) -> bool:
     return all(type(t) is torch.Tensor and not t.requires_grad for t in tensors)
 
 
-def _device_impl(device: torch.device):
-    """The kernels the ops dispatch to for ``device`` (as registered below)."""
-    return _cuda_impl() if device.type == "cuda" else _torch
-
-
-def _cpu_aim_relax(
+def _default_aim_relax(
     base: torch.Tensor,
     merged: torch.Tensor,
     importance: torch.Tensor,
@@ -105,29 +102,19 @@ def _cpu_aim_relax(
     axis: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The relaxation's default kernel: the native loop where it applies."""
-    if out is None:
-        out = torch.empty(merged.shape, dtype=merged.dtype, device=merged.device)
+    """What "auto" runs: the CUDA kernel on CUDA; on CPU the native loop where
+    it applies; torch otherwise."""
+    device = merged.device
+    if device.type == "cuda":
+        return _cuda_impl().aim_relax(base, merged, importance, omega, axis, out=out)
+    target = merged if out is None else out  # a new output is contiguous, like merged
     if (
-        merged.device.type == "cpu"
+        device.type == "cpu"
         and _native.available()
-        and _native.supports(out, merged, base)
+        and _native.supports(target, merged, base)
     ):
         return _native.aim_relax(base, merged, importance, omega, axis, out=out)
     return _torch.aim_relax(base, merged, importance, omega, axis, out=out)
-
-
-def _device_aim_relax(
-    base: torch.Tensor,
-    merged: torch.Tensor,
-    importance: torch.Tensor,
-    omega: float,
-    axis: int,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    if merged.device.type == "cuda":
-        return _cuda_impl().aim_relax(base, merged, importance, omega, axis, out=out)
-    return _cpu_aim_relax(base, merged, importance, omega, axis, out=out)
 
 
 # --- channel_abs_sum -----------------------------------------------------------
@@ -180,7 +167,7 @@ def _aim_relax_op(
     input_axis: int,
 ) -> torch.Tensor:
     axis = check_aim_relax(base, merged, importance, omega, input_axis)
-    return _cpu_aim_relax(base, merged, importance, omega, axis)
+    return _default_aim_relax(base, merged, importance, omega, axis)
 
 
 @_aim_relax_op.register_kernel("cuda")
@@ -192,7 +179,7 @@ def _(
     input_axis: int,
 ) -> torch.Tensor:
     axis = check_aim_relax(base, merged, importance, omega, input_axis)
-    return _cuda_impl().aim_relax(base, merged, importance, omega, axis)
+    return _default_aim_relax(base, merged, importance, omega, axis)
 
 
 @_aim_relax_op.register_fake
@@ -216,7 +203,7 @@ def _aim_relax_inplace_op(
     input_axis: int,
 ) -> None:
     axis = check_aim_relax_(merged, base, importance, omega, input_axis)
-    _cpu_aim_relax(base, merged, importance, omega, axis, out=merged)
+    _default_aim_relax(base, merged, importance, omega, axis, out=merged)
 
 
 @_aim_relax_inplace_op.register_kernel("cuda")
@@ -228,7 +215,7 @@ def _(
     input_axis: int,
 ) -> None:
     axis = check_aim_relax_(merged, base, importance, omega, input_axis)
-    _cuda_impl().aim_relax(base, merged, importance, omega, axis, out=merged)
+    _default_aim_relax(base, merged, importance, omega, axis, out=merged)
 
 
 @_aim_relax_inplace_op.register_fake
@@ -259,8 +246,6 @@ def channel_abs_sum(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     if backend == "auto" and not _eager(x):
         return torch.ops.mergekit_aim.channel_abs_sum(x)
     check_channel_abs_sum(x)
-    if backend == "auto":
-        return _device_impl(x.device).channel_abs_sum(x)
     return _impl(backend, x.device).channel_abs_sum(x)
 
 
@@ -277,8 +262,7 @@ def channel_abs_sum_(
         torch.ops.mergekit_aim.channel_abs_sum_(acc, x)
         return acc
     check_channel_abs_sum_(acc, x)
-    impl = _device_impl(x.device) if backend == "auto" else _impl(backend, x.device)
-    impl.channel_abs_sum_(acc, x)
+    _impl(backend, x.device).channel_abs_sum_(acc, x)
     return acc
 
 
@@ -316,7 +300,7 @@ def aim_relax(
         )
     axis = check_aim_relax(base, merged, importance, omega, input_axis)
     if backend == "auto":
-        return _device_aim_relax(base, merged, importance, omega, axis)
+        return _default_aim_relax(base, merged, importance, omega, axis)
     return _impl(backend, merged.device).aim_relax(
         base, merged, importance, omega, axis
     )
@@ -344,7 +328,7 @@ def aim_relax_(
         return merged
     axis = check_aim_relax_(merged, base, importance, omega, input_axis)
     if backend == "auto":
-        _device_aim_relax(base, merged, importance, omega, axis, out=merged)
+        _default_aim_relax(base, merged, importance, omega, axis, out=merged)
     else:
         _impl(backend, merged.device).aim_relax(
             base, merged, importance, omega, axis, out=merged

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mergekit_aim.kernels._checks import merged_leading_dims
+from mergekit_aim.kernels._checks import around_axis, merged_leading_dims
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TILE_ELEMS = 4096
@@ -235,13 +235,7 @@ def aim_relax(
     if out.numel() == 0:
         return out
     shape = tuple(merged.shape)
-    outer = 1
-    for n in shape[:axis]:
-        outer *= n
-    inner = 1
-    for n in shape[axis + 1 :]:
-        inner *= n
-    channels = shape[axis]
+    outer, channels, inner = around_axis(shape, axis)
     if inner == 1:
         # Statistic along the columns: Linear [out, in], norms [C].
         view = (1, outer, channels)
