@@ -129,6 +129,56 @@ def test_mergekit_yaml_honours_aim_block(
         assert any(n.endswith("input_layernorm.weight") for n in names)
 
 
+def _has_compiler() -> bool:
+    from mergekit_aim.kernels import _native
+
+    try:
+        _native.compiler()
+    except _native.NativeKernelUnavailable:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_compiler(), reason="no C compiler")
+@pytest.mark.parametrize("family_name", ["llama", "gpt2"])
+def test_cpu_relaxation_kernel_does_not_change_the_merge(
+    family_name, tiny_family, tiny_text_file, tmp_path
+):
+    """The native loop (default), torch's ops (MERGEKIT_AIM_CPU_KERNEL=torch) and
+    the fallback when no compiler exists write bit-identical bf16 merges; only
+    the fallback says anything about it."""
+    family = tiny_family(family_name)
+    artifact = artifact_for(family, tiny_text_file, tmp_path)
+    config = write_config(
+        tmp_path / "aim.yml",
+        family,
+        aim={"omega": 0.4, "importance": str(artifact)},
+        dtype="bfloat16",
+    )
+    runs = {
+        "native": {"MERGEKIT_AIM_CPU_KERNEL": "native"},
+        "torch": {"MERGEKIT_AIM_CPU_KERNEL": "torch"},
+        "no compiler": {
+            "CC": "/nonexistent/cc",
+            "MERGEKIT_AIM_CACHE": str(tmp_path / "empty-cache"),
+        },
+    }
+    outputs, stderr = {}, {}
+    for name, env in runs.items():
+        result = run_yaml(config, tmp_path / name, env=env)
+        outputs[name], stderr[name] = load_dir(tmp_path / name), result.stderr
+    assert "native CPU relaxation is unavailable" in stderr["no compiler"]
+    assert "CC='/nonexistent/cc'" in stderr["no compiler"]
+    for name in ("native", "torch"):
+        assert "native CPU relaxation" not in stderr[name]
+    reference_run = outputs["torch"]
+    assert any(t.dtype == torch.bfloat16 for t in reference_run.values())
+    for name in ("native", "no compiler"):
+        assert set(outputs[name]) == set(reference_run)
+        for tensor_name, tensor in reference_run.items():
+            assert torch.equal(outputs[name][tensor_name], tensor), (name, tensor_name)
+
+
 def test_calibration_block_computes_once_then_hits_cache(
     tiny_family, tiny_text_file, tmp_path
 ):
