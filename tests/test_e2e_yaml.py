@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from checkpoint_files import load_dir
+from native_compiler import needs_compiler
 
 from mergekit_aim.importance import ImportanceMap
 
@@ -129,17 +130,7 @@ def test_mergekit_yaml_honours_aim_block(
         assert any(n.endswith("input_layernorm.weight") for n in names)
 
 
-def _has_compiler() -> bool:
-    from mergekit_aim.kernels import _native
-
-    try:
-        _native.compiler()
-    except _native.NativeKernelUnavailable:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_compiler(), reason="no C compiler")
+@needs_compiler
 @pytest.mark.parametrize("family_name", ["llama", "gpt2"])
 def test_cpu_relaxation_kernel_does_not_change_the_merge(
     family_name, tiny_family, tiny_text_file, tmp_path

@@ -7,23 +7,11 @@ import subprocess
 
 import pytest
 import torch
+from native_compiler import needs_compiler
 from test_kernel_aim_relax import make, statistic
 
 from mergekit_aim.kernels import _native, aim_relax, aim_relax_, channel_abs_sum
 
-
-def _has_compiler() -> bool:
-    try:
-        _native.compiler()
-    except _native.NativeKernelUnavailable:
-        return False
-    return True
-
-
-# Without a C compiler the native loop cannot exist; what must still hold then
-# (a warning, the torch path, an error in "native" mode) is tested below with a
-# fake compiler and runs everywhere.
-needs_compiler = pytest.mark.skipif(not _has_compiler(), reason="no C compiler")
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 LAYOUTS = [
     ((7, 257), -1),  # Linear [out, in]: the rows loop
