@@ -14,27 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-from pathlib import Path
 
+from mergekit_aim.cache_location import cache_dir
 from mergekit_aim.checkpoint import CheckpointIndex
 from mergekit_aim.config import CalibrationConfig
 from mergekit_aim.errors import ImportanceError
 from mergekit_aim.importance import FORMAT_VERSION, ImportanceMap, load_cached
 
 LOG = logging.getLogger(__name__)
-
-CACHE_ENV = "MERGEKIT_AIM_CACHE"
-
-
-def cache_dir() -> Path:
-    explicit = os.environ.get(CACHE_ENV)
-    if explicit:
-        return Path(explicit)
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".cache"
-    )
-    return Path(root) / "mergekit-aim"
 
 
 def cache_key(base_fingerprint: str, settings: dict, data_fingerprint: str) -> str:

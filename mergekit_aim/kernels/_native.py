@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from mergekit_aim.cache_location import cache_dir
 from mergekit_aim.kernels._checks import around_axis
 from mergekit_aim.kernels._torch import relax_factor
 
@@ -217,8 +218,6 @@ def _cpu_identity() -> str:
 
 
 def _build() -> Path:
-    from mergekit_aim.cache import cache_dir
-
     cc = compiler()
     source = SOURCE.read_bytes()
     key = hashlib.sha256(

@@ -121,8 +121,9 @@ def _run(code: str, env_drop=("TRITON_INTERPRET",)) -> subprocess.CompletedProce
 
 
 def test_import_hygiene_in_a_fresh_interpreter():
-    # One subprocess for three facts, to keep the suite fast: importing the
-    # kernels touches neither Triton nor CUDA; without the interpreter,
+    # One subprocess for four facts, to keep the suite fast: importing the
+    # kernels touches neither Triton nor CUDA; relaxing on CPU imports no
+    # mergekit or pydantic; without the interpreter,
     # backend="triton" on CPU explains how to enable it; and with Triton
     # unimportable everything but backend="triton" still works.
     result = _run(
@@ -135,6 +136,9 @@ def test_import_hygiene_in_a_fresh_interpreter():
         sys.modules["triton"] = None  # makes `import triton` raise ImportError
         assert k.channel_abs_sum(x).tolist() == [2.0, 2.0, 2.0]
         assert torch.equal(k.aim_relax(x, x, torch.ones(3), 0.5), x)
+        # The native CPU loop (built or found by that call) needs no mergekit.
+        heavy = [m for m in sys.modules if m.split(".")[0] in ("mergekit", "pydantic")]
+        assert not heavy, heavy
         try:
             k.aim_relax(x, x, torch.ones(3), 0.5, backend="triton")
         except RuntimeError as err:
