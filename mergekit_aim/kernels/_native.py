@@ -89,9 +89,11 @@ def supports(out: torch.Tensor, merged: torch.Tensor, base: torch.Tensor) -> boo
 def unsupported_reason(
     out: torch.Tensor, merged: torch.Tensor, base: torch.Tensor
 ) -> str:
+    # float16 only where the compiler has _Float16 (GCC >= 12, Clang).
+    dtypes = [str(d) for d in _TYPE_SUFFIX if d != torch.float16 or library().has_f16]
     return (
         "backend='native' handles contiguous CPU tensors whose base, merged and "
-        f"output dtypes are one of {', '.join(map(str, _TYPE_SUFFIX))}; got "
+        f"output dtypes are one of {', '.join(dtypes)}; got "
         f"base {base.dtype} on {base.device} (contiguous: {base.is_contiguous()}), "
         f"merged {merged.dtype} on {merged.device} (contiguous: "
         f"{merged.is_contiguous()}), output {out.dtype}"
