@@ -1,9 +1,9 @@
 """The ``torch.ops.mergekit_aim`` custom ops and the Python entry points.
 
-Each op has a default kernel (the torch implementation: CPU and any device
-without a better one; for the relaxation on CPU, the native C loop when it can
-be built and handles the tensors), a CUDA kernel (Triton when it can be
-imported, torch otherwise) and a fake implementation, so
+Each op has one kernel for every device, which picks the implementation the
+way "auto" does (Triton on CUDA when it can be imported; on CPU, for the
+relaxation, the native C loop when it can be built and handles the tensors;
+torch otherwise), and a fake implementation, so
 ``torch.compile(fullgraph=True)`` traces callers. The entry points add a
 ``backend`` argument that bypasses dispatch, which is how tests run every
 implementation on CPU tensors.
@@ -69,7 +69,7 @@ def _cuda_impl() -> ModuleType:
 
 def _impl(backend: str, device: torch.device) -> ModuleType:
     """The module of ``backend``'s kernels; for "auto", the channel sums' kernels
-    the ops dispatch to on ``device`` (the relaxation's: ``_default_aim_relax``)."""
+    for ``device`` (the relaxation's choice is ``_default_aim_relax``)."""
     if backend == "torch":
         return _torch
     if backend == "native":
@@ -123,13 +123,7 @@ def _default_aim_relax(
 @torch.library.custom_op("mergekit_aim::channel_abs_sum", mutates_args=())
 def _channel_abs_sum_op(x: torch.Tensor) -> torch.Tensor:
     check_channel_abs_sum(x)
-    return _torch.channel_abs_sum(x)
-
-
-@_channel_abs_sum_op.register_kernel("cuda")
-def _(x: torch.Tensor) -> torch.Tensor:
-    check_channel_abs_sum(x)
-    return _cuda_impl().channel_abs_sum(x)
+    return _impl("auto", x.device).channel_abs_sum(x)
 
 
 @_channel_abs_sum_op.register_fake
@@ -141,13 +135,7 @@ def _(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("mergekit_aim::channel_abs_sum_", mutates_args=("acc",))
 def _channel_abs_sum_inplace_op(acc: torch.Tensor, x: torch.Tensor) -> None:
     check_channel_abs_sum_(acc, x)
-    _torch.channel_abs_sum_(acc, x)
-
-
-@_channel_abs_sum_inplace_op.register_kernel("cuda")
-def _(acc: torch.Tensor, x: torch.Tensor) -> None:
-    check_channel_abs_sum_(acc, x)
-    _cuda_impl().channel_abs_sum_(acc, x)
+    _impl("auto", x.device).channel_abs_sum_(acc, x)
 
 
 @_channel_abs_sum_inplace_op.register_fake
@@ -160,18 +148,6 @@ def _(acc: torch.Tensor, x: torch.Tensor) -> None:
 
 @torch.library.custom_op("mergekit_aim::aim_relax", mutates_args=())
 def _aim_relax_op(
-    base: torch.Tensor,
-    merged: torch.Tensor,
-    importance: torch.Tensor,
-    omega: float,
-    input_axis: int,
-) -> torch.Tensor:
-    axis = check_aim_relax(base, merged, importance, omega, input_axis)
-    return _default_aim_relax(base, merged, importance, omega, axis)
-
-
-@_aim_relax_op.register_kernel("cuda")
-def _(
     base: torch.Tensor,
     merged: torch.Tensor,
     importance: torch.Tensor,
@@ -196,18 +172,6 @@ def _(
 
 @torch.library.custom_op("mergekit_aim::aim_relax_", mutates_args=("merged",))
 def _aim_relax_inplace_op(
-    merged: torch.Tensor,
-    base: torch.Tensor,
-    importance: torch.Tensor,
-    omega: float,
-    input_axis: int,
-) -> None:
-    axis = check_aim_relax_(merged, base, importance, omega, input_axis)
-    _default_aim_relax(base, merged, importance, omega, axis, out=merged)
-
-
-@_aim_relax_inplace_op.register_kernel("cuda")
-def _(
     merged: torch.Tensor,
     base: torch.Tensor,
     importance: torch.Tensor,
