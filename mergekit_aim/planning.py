@@ -83,6 +83,7 @@ class AimMergeSession:
     def prepare(cls, config: Any, options: Any) -> AimMergeSession:
         """Resolve and check everything AIM needs; raise before any tensor work."""
         aim: AimConfig = config.aim
+        _check_cpu_kernel_choice()
         wrapper = aim_method(config.merge_method)
         base_path = config.base_model.merged(
             cache_dir=options.lora_merge_cache,
@@ -220,3 +221,15 @@ def _omega_text(summary: dict[str, Any]) -> str:
         return ""
     lo, hi = summary["omega_min"], summary["omega_max"]
     return f" (ω {lo:g})" if lo == hi else f" (ω {lo:g}–{hi:g})"
+
+
+def _check_cpu_kernel_choice() -> None:
+    """Refuse a bad ``MERGEKIT_AIM_CPU_KERNEL``, or a required native loop that
+    cannot be built, now rather than at the first relaxed tensor."""
+    from mergekit_aim.kernels import _native
+
+    try:
+        if _native.mode() == "native":
+            _native.library()
+    except (ValueError, _native.NativeKernelUnavailable) as err:
+        raise AimConfigError(str(err)) from err

@@ -223,6 +223,27 @@ def test_bad_inputs_fail_before_writing(tiny_family, tiny_text_file, tmp_path):
         assert result.returncode != 0, label
         assert message in result.stderr, (label, result.stderr[-2000:])
         assert not any(out.glob("*.safetensors")), label
+    # The CPU kernel choice comes from the environment: checked as early.
+    env_cases = {
+        "kernel mode": ({"MERGEKIT_AIM_CPU_KERNEL": "fast"}, "MERGEKIT_AIM_CPU_KERNEL"),
+        "native without compiler": (
+            {
+                "MERGEKIT_AIM_CPU_KERNEL": "native",
+                "CC": "/nonexistent/cc",
+                "MERGEKIT_AIM_CACHE": str(tmp_path / "empty-cache"),
+            },
+            "CC='/nonexistent/cc' is not an executable",
+        ),
+    }
+    own = artifact_for(llama, tiny_text_file, tmp_path)
+    config = write_config(tmp_path / "env.yml", llama, aim={"importance": str(own)})
+    for label, (env, message) in env_cases.items():
+        out = tmp_path / f"out-{label.replace(' ', '-')}"
+        result = run_yaml(config, out, check=False, env=env)
+        assert result.returncode != 0, label
+        assert message in result.stderr, (label, result.stderr[-2000:])
+        # Refused while planning: mergekit's writer never created the output.
+        assert not out.exists(), label
 
 
 def test_slices_use_the_base_layer_statistic(tiny_family, tiny_text_file, tmp_path):
