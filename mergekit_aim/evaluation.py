@@ -155,18 +155,32 @@ def token_windows(
     return windows
 
 
-@torch.no_grad()
 def sum_nll(
     model: Any, windows: Sequence[Sequence[int]], batch_size: int, pad_id: int
 ) -> tuple[float, int]:
+    """(summed next-token NLL, tokens predicted) over all ``windows``."""
+    per_window = window_nll(model, windows, batch_size, pad_id)
+    return sum(t for t, _ in per_window), sum(c for _, c in per_window)
+
+
+@torch.no_grad()
+def window_nll(
+    model: Any, windows: Sequence[Sequence[int]], batch_size: int, pad_id: int
+) -> list[tuple[float, int]]:
+    """Per window, in input order: (summed next-token NLL, tokens predicted).
+
+    Windows are batched longest first, padded on the right and masked; the
+    model's train/eval mode is restored.
+    """
     device = model.get_input_embeddings().weight.device
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i]))
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(windows)
     try:
         for start in range(0, len(order), batch_size):
-            chunk = [windows[i] for i in order[start : start + batch_size]]
+            rows = order[start : start + batch_size]
+            chunk = [windows[i] for i in rows]
             ids = torch.full((len(chunk), len(chunk[0])), pad_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for row, window in enumerate(chunk):
@@ -176,18 +190,19 @@ def sum_nll(
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
             logits = logits[:, :-1].float()
-            total += float(
-                torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]),
-                    targets.reshape(-1),
-                    ignore_index=-100,
-                    reduction="sum",
-                )
-            )
-            count += int((targets != -100).sum())
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]),
+                targets.reshape(-1),
+                ignore_index=-100,
+                reduction="none",
+            ).view(targets.shape)
+            totals = nll.sum(1).tolist()
+            counts = (targets != -100).sum(1).tolist()
+            for row, index in enumerate(rows):
+                out[index] = (float(totals[row]), int(counts[row]))
     finally:
         model.train(was_training)
-    return total, count
+    return out
 
 
 def pad_token_id(tokenizer: Any) -> int:

@@ -392,6 +392,7 @@ def train_causal_lm(
     batch_size: int = 8,
     lr: float = 3e-3,
     seed: int = 0,
+    autocast: torch.dtype | None = None,
 ) -> list[float]:
     """Train ``model`` in place for ``steps`` AdamW steps; returns each step's loss.
 
@@ -400,7 +401,8 @@ def train_causal_lm(
     linearly over the first 10% of steps and decays by a cosine to 10% of
     ``lr``: short runs need both to be stable at a high rate. Gradients are
     clipped to norm 1. The model is left in eval mode. Raises ``ValueError``
-    when the texts do not fill one block.
+    when the texts do not fill one block. ``autocast``: run forward and backward
+    under CPU autocast to that dtype (float32 master weights and optimizer).
     """
     blocks = pack_blocks(tokenizer, texts, seq_len)
     if not blocks:
@@ -412,7 +414,7 @@ def train_causal_lm(
         batch = data[draw()]
         return {"input_ids": batch, "labels": batch}
 
-    return _train(model, next_batch, steps=steps, lr=lr)
+    return _train(model, next_batch, steps=steps, lr=lr, autocast=autocast)
 
 
 def train_completions(
@@ -427,6 +429,7 @@ def train_completions(
     replay: Sequence[str] = (),
     replay_batch_size: int = 8,
     replay_seq_len: int = 128,
+    autocast: torch.dtype | None = None,
 ) -> list[float]:
     """Supervised fine-tuning on ``(prompt, completion)`` pairs, in place.
 
@@ -438,7 +441,8 @@ def train_completions(
     prompt's tokens as a prefix. With ``replay`` texts, every step adds the
     language-model loss of ``replay_batch_size`` packed blocks of them (replay
     of pre-training data, which keeps the model from forgetting it). Returns
-    each step's loss (the sum of both terms).
+    each step's loss (the sum of both terms). ``autocast`` as in
+    :func:`train_causal_lm`.
     """
     rows = []
     for prompt, completion in pairs:
@@ -464,7 +468,7 @@ def train_completions(
         return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
     if not replay:
-        return _train(model, next_batch, steps=steps, lr=lr)
+        return _train(model, next_batch, steps=steps, lr=lr, autocast=autocast)
     blocks = pack_blocks(tokenizer, replay, replay_seq_len)
     if not blocks:
         raise ValueError(f"the replay texts give fewer than {replay_seq_len} tokens")
@@ -475,7 +479,7 @@ def train_completions(
         batch = replay_data[draw_replay()]
         return [next_batch(), {"input_ids": batch, "labels": batch}]
 
-    return _train(model, next_batches, steps=steps, lr=lr)
+    return _train(model, next_batches, steps=steps, lr=lr, autocast=autocast)
 
 
 def _shuffled_batches(size: int, batch_size: int, seed: int) -> Any:
@@ -493,7 +497,14 @@ def _shuffled_batches(size: int, batch_size: int, seed: int) -> Any:
     return draw
 
 
-def _train(model: Any, next_batch: Any, *, steps: int, lr: float) -> list[float]:
+def _train(
+    model: Any,
+    next_batch: Any,
+    *,
+    steps: int,
+    lr: float,
+    autocast: torch.dtype | None = None,
+) -> list[float]:
     """AdamW with warm-up and cosine decay; ``next_batch()`` gives the model's
     keyword arguments, or a list of them whose losses are summed."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -514,7 +525,8 @@ def _train(model: Any, next_batch: Any, *, steps: int, lr: float) -> list[float]
             batches = next_batch()
             if isinstance(batches, dict):
                 batches = [batches]
-            loss = sum(model(**batch).loss for batch in batches)
+            with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+                loss = sum(model(**batch).loss for batch in batches)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -314,3 +314,111 @@ def test_train_completions_scores_only_the_answer(tokenizer, monkeypatch):
     assert torch.equal(replay_batch["input_ids"], replay_batch["labels"])
     with pytest.raises(ValueError, match="prefix"):
         tiny.train_completions(model, tokenizer, [("Answ", "er: 2")], steps=1)
+
+
+def _block_rows():
+    """Two merges scored block by block: AIM lowers general loss by 0.1 nats on
+    every block of the first and raises it by 0.1 on the second."""
+
+    def row(variant, general, key_seed, omega=1.0):
+        blocks = {
+            "code": [2.0, 2.0],
+            "math": [1.0, 0.0, 1.0],
+            "instructions": [0.0, 0.0, 1.0],
+            "general": general,
+        }
+        return dict(
+            method="ties",
+            experts=["code", "math"],
+            aim=variant == "aim",
+            omega=omega,
+            seed=key_seed,
+            weights="1",
+            variant=variant,
+            metrics={t: sum(v) / len(v) for t, v in blocks.items()},
+            blocks=blocks,
+        )
+
+    return [
+        row("plain", [3.0, 2.0, 4.0], 0),
+        row("aim", [2.9, 1.9, 3.9], 0, omega=0.4),
+        row("plain", [3.0, 2.0, 4.0], 1),
+        row("aim", [3.1, 2.1, 4.1], 1, omega=0.4),
+    ]
+
+
+def test_block_differences_are_oriented_and_paired():
+    diffs = report.block_differences(_block_rows(), "aim", "plain", 0.4)
+    # general is a loss: lower is better, so a 0.1 drop is +0.1.
+    (first, d0), (second, d1) = diffs["general"]
+    assert first[3] == 0 and second[3] == 1
+    assert d0 == pytest.approx([0.1] * 3)
+    assert d1 == pytest.approx([-0.1] * 3)
+    # instructions are not in the expert set: no differences for them.
+    assert "instructions" not in diffs
+    assert diffs["math"][0][1] == [0.0, 0.0, 0.0]
+
+
+def test_bootstrap_interval():
+    mean_, low, high = report.bootstrap_interval([[0.1, 0.1, 0.1], [0.3, 0.3, 0.3]])
+    assert (mean_, low, high) == pytest.approx((0.2, 0.2, 0.2))
+    # A block-to-block spread gives an interval around the mean that shrinks
+    # with more blocks, and is the same for the same seed.
+    gen = torch.Generator().manual_seed(0)
+    few = (0.05 + torch.randn(1, 20, generator=gen)).tolist()
+    many = (0.05 + torch.randn(1, 2000, generator=gen)).tolist()
+    m1, l1, h1 = report.bootstrap_interval(few)
+    m2, l2, h2 = report.bootstrap_interval(many)
+    assert l1 < m1 < h1 and l2 < m2 < h2
+    assert (h2 - l2) < (h1 - l1) / 4
+    assert report.bootstrap_interval(few) == (m1, l1, h1)
+
+
+def test_effect_table_reports_wins_ties_losses():
+    table = report.effect_table(_block_rows(), 0.4)
+    lines = [line for line in table.splitlines() if "aim − plain" in line]
+    general = next(line for line in lines if "general loss" in line)
+    # one merge better, one worse: mean 0, record 1-0-1
+    assert "| 2 | all | +0.0000 |" in general and general.endswith("| 1–0–1 |")
+    math_line = next(line for line in lines if "math EM" in line)
+    assert math_line.endswith("| 0–2–0 |")
+
+
+def test_importance_spread_tells_flat_from_peaked():
+    from mergekit_aim.importance import ImportanceMap
+
+    flat = torch.ones(100)
+    peaked = torch.ones(100)
+    peaked[:2] = 50.0
+    imap = ImportanceMap(
+        {"flat": flat, "peaked": peaked},
+        {"flat": 10, "peaked": 10},
+        {"flat": -1, "peaked": -1},
+    )
+    spread = report.importance_spread(imap)
+    assert spread["tensors"] == 2
+    # quantiles [min, 10%, median, 90%, max] over the two tensors
+    assert spread["mean_s"][0] == pytest.approx((2 * 1.0 + 98 * 0.02) / 100)
+    assert spread["mean_s"][-1] == pytest.approx(1.0)
+    assert spread["max_over_median"][0] == pytest.approx(1.0)
+    assert spread["max_over_median"][-1] == pytest.approx(50.0)
+    assert spread["share_above_half"][0] == pytest.approx(0.02)
+    assert "max / median of a" in report.importance_table(spread)
+
+
+def test_real_model_settings():
+    from benchmarks.quality import __main__ as runner
+    from benchmarks.quality import training
+
+    real = runner.settings_for(model="smollm2-135m")
+    assert real.model == "smollm2-135m" and real.base_steps == 0
+    assert set(real.methods) == {"task_arithmetic", "ties", "dare_ties"}
+    assert len(real.dare_seeds) >= 3 and real.pairs
+    # the calibration split never overlaps a test text
+    assert real.calibration_split == "train"
+    assert real.training_key() != training.FULL.training_key()
+    with pytest.raises(ValueError, match="does not combine"):
+        runner.settings_for(quick=True, model="smollm2-135m")
+    with pytest.raises(ValueError, match="no real-model settings"):
+        runner.settings_for(model="nope")
+    assert runner.settings_for() is training.FULL

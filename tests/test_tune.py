@@ -239,6 +239,28 @@ def test_evaluate_loss_matches_the_models_own_loss(family, plain):
     assert got == evaluate_loss(model, texts, tokenizer=tokenizer, seq_len=64)
 
 
+def test_window_nll_is_per_window_in_input_order(family, plain):
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_aim.evaluation import pad_token_id, sum_nll, window_nll
+
+    tokenizer = family.tokenizer
+    model = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32)
+    texts = ["A small child opened the green door again.", "The map.", "Yes, it did."]
+    windows = [tokenizer(t)["input_ids"] for t in texts]
+    pad = pad_token_id(tokenizer)
+    got = window_nll(model, windows, 2, pad)
+    with torch.no_grad():
+        for (total, count), ids in zip(got, windows, strict=True):
+            ids = torch.tensor(ids)[None]
+            assert count == ids.shape[1] - 1
+            own = float(model(input_ids=ids, labels=ids).loss) * count
+            assert total == pytest.approx(own, rel=1e-5)
+    total, count = sum_nll(model, windows, 2, pad)
+    assert count == sum(c for _, c in got)
+    assert total == pytest.approx(sum(t for t, _ in got), rel=1e-6)
+
+
 def test_windows_predict_every_token_once(family):
     texts = ["The farmer found a map near the market and smiled. " * 6, "Again."]
     windows = token_windows(family.tokenizer, texts, 8)

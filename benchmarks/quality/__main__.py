@@ -1,15 +1,21 @@
-"""``python -m benchmarks.quality [--quick] --out DIR``: the quality benchmark.
+"""``python -m benchmarks.quality [--quick | --model NAME] --out DIR``.
 
-Trains (or reuses from the cache) a base and three experts, merges every pair
-and the triple with four methods through mergekit, applies AIM and its two
-controls to each merge, chooses ω on a validation split with
+Trains (or reuses from the cache) a base and three experts, merges expert
+sets with several methods through mergekit, applies AIM and its two controls
+to each merge, chooses ω on a validation split with
 :func:`mergekit_aim.tune.tune_merged`, scores everything on the test split,
 and writes ``quality.json``, ``quality.md`` and ``quality.png`` to ``--out``.
+
+``--model smollm2-135m`` runs the protocol on a real pretrained base (see
+:mod:`benchmarks.real_models`): only the experts are trained. Every score
+keeps its per-block detail (the NLL of each evaluation block, the verdict on
+each item), so the report can give paired differences with their spread.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import logging
@@ -26,7 +32,6 @@ import torch
 from benchmarks.quality import merging, report, tasks, training
 from benchmarks.quality.metrics import (
     ExactMatchSet,
-    exact_match,
     exact_match_flags,
     greedy_exact_match,
 )
@@ -37,35 +42,63 @@ EVAL_BATCH = 32
 
 
 class Evaluator:
-    """Scores a model on the test split of every task."""
+    """Scores a model on the test split of every task, block by block.
 
-    def __init__(self, tokenizer: Any, data: training.TaskData, seq_len: int):
-        self.tokenizer = tokenizer
-        self.seq_len = seq_len
+    Loss tasks: the task's texts packed into ``seq_len`` blocks (remainder
+    dropped, so every block weighs the same), each block's mean next-token
+    NLL; with ``bos`` every block starts with that token (Gemma-3 needs it).
+    Exact-match tasks: each item's verdict. A task's metric is the mean over
+    its blocks.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        data: training.TaskData,
+        seq_len: int,
+        bos: int | None = None,
+    ):
+        from mergekit_aim.evaluation import pad_token_id
+        from mergekit_aim.tiny import pack_blocks
+
         self.sets = {
             t: ExactMatchSet.build(tokenizer, data.test_items(t))
             for t in tasks.EM_TASKS
         }
-        self.texts = data.test_texts
+        width = seq_len - (bos is not None)
+        self.windows = {
+            task: [
+                ([bos] if bos is not None else []) + block.tolist()
+                for block in pack_blocks(tokenizer, data.test_texts[task], width)
+            ]
+            for task in tasks.LOSS_TASKS
+        }
+        self.pad_id = pad_token_id(tokenizer)
+
+    def blocks(self, model: Any) -> dict[str, list[float]]:
+        from mergekit_aim.evaluation import window_nll
+
+        detail: dict[str, list[float]] = {
+            t: [float(f) for f in exact_match_flags(model, s)]
+            for t, s in self.sets.items()
+        }
+        for task, windows in self.windows.items():
+            per_window = window_nll(model, windows, EVAL_BATCH, self.pad_id)
+            detail[task] = [total / count for total, count in per_window]
+        return {t: detail[t] for t in tasks.TASKS}
 
     def __call__(self, model: Any) -> dict[str, float]:
-        from mergekit_aim.tiny import heldout_loss
+        """Mean metric per task (what the report's tables use)."""
+        return summarize(self.blocks(model))
 
-        scores = {t: exact_match(model, s) for t, s in self.sets.items()}
-        for task in tasks.LOSS_TASKS:
-            scores[task] = heldout_loss(
-                model,
-                self.tokenizer,
-                self.texts[task],
-                seq_len=self.seq_len,
-                batch_size=EVAL_BATCH,
-            )
-        return {t: scores[t] for t in tasks.TASKS}
+
+def summarize(blocks: Mapping[str, list[float]]) -> dict[str, float]:
+    return {task: sum(values) / len(values) for task, values in blocks.items()}
 
 
 def _row(
     variant: str,
-    metrics: Mapping[str, float],
+    blocks: Mapping[str, list[float]],
     *,
     spec: merging.MergeSpec | None = None,
     experts: tuple[str, ...] = (),
@@ -79,7 +112,8 @@ def _row(
         "seed": spec.seed if spec else None,
         "weights": spec.weights if spec else None,
         "variant": variant,
-        "metrics": dict(metrics),
+        "metrics": summarize(blocks),
+        "blocks": {t: [round(v, 6) for v in values] for t, values in blocks.items()},
     }
 
 
@@ -92,8 +126,27 @@ def _tuner() -> Any:
     return tune
 
 
+def settings_for(quick: bool = False, model: str | None = None) -> training.Settings:
+    if model is not None:
+        if quick:
+            raise ValueError(
+                "--quick is the toy scale; it does not combine with --model"
+            )
+        if model not in training.REAL:
+            raise ValueError(
+                f"no real-model settings for {model!r}; expected one of "
+                f"{sorted(training.REAL)}"
+            )
+        return training.REAL[model]
+    return training.QUICK if quick else training.FULL
+
+
 def run(
-    out_dir: Path, *, quick: bool = False, cache_dir: Path | None = None
+    out_dir: Path,
+    *,
+    quick: bool = False,
+    cache_dir: Path | None = None,
+    model_name: str | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; returns the JSON document it writes."""
     from transformers import AutoModelForCausalLM
@@ -101,7 +154,8 @@ def run(
     from mergekit_aim.demo import Stopwatch, quiet_transformers
     from mergekit_aim.importance import ImportanceMap
 
-    settings = training.QUICK if quick else training.FULL
+    settings = settings_for(quick, model_name)
+    eval_dtype = getattr(torch, settings.eval_dtype)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
@@ -115,28 +169,40 @@ def run(
         with watch("training and calibration"):
             models = training.build_models(settings, data, cache_dir)
         tokenizer = models.tokenizer
-        evaluate = Evaluator(tokenizer, data, settings.seq_len)
+        bos = None
+        if settings.model:
+            from benchmarks.real_models import model_spec
+
+            if model_spec(settings.model).bos_every_chunk:
+                bos = tokenizer.bos_token_id
+        evaluate = Evaluator(tokenizer, data, settings.seq_len, bos)
         importance = ImportanceMap.load(models.importance)
         base_state = merging.load_state(models.base)
-        model = AutoModelForCausalLM.from_pretrained(models.base, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(models.base, dtype=eval_dtype)
 
         rows: list[dict[str, Any]] = []
         checks: dict[str, Any] = {}
         with watch("reference models"):
-            rows.append(_row("base", evaluate(model)))
+            rows.append(_row("base", evaluate.blocks(model)))
             for task, path in models.experts.items():
-                expert = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-                rows.append(_row("expert", evaluate(expert), experts=(task,)))
+                expert = AutoModelForCausalLM.from_pretrained(path, dtype=eval_dtype)
+                rows.append(_row("expert", evaluate.blocks(expert), experts=(task,)))
                 for em_task in tasks.EM_TASKS:
                     items = data.test_items(em_task)[: settings.greedy_check_items]
                     greedy = greedy_exact_match(expert, tokenizer, items)
                     forced = exact_match_flags(expert, evaluate.sets[em_task])
                     agree = sum(a == b for a, b in zip(greedy, forced, strict=False))
                     checks[f"{task} expert on {em_task}"] = [agree, len(greedy)]
-            LOG.info("quality: references %s", rows)
+                del expert
+            LOG.info(
+                "quality: references %s",
+                [(r["variant"], r["experts"], r["metrics"]) for r in rows],
+            )
 
         validation = {t: data.validation(t) for t in tasks.TASKS}
-        tune_kwargs = dict(seq_len=settings.seq_len, batch_size=EVAL_BATCH)
+        tune_kwargs = dict(
+            seq_len=settings.seq_len, batch_size=EVAL_BATCH, dtype=settings.eval_dtype
+        )
         base_val = None
         if tune is not None:
             base_val = {
@@ -146,22 +212,28 @@ def run(
                 for t, texts in validation.items()
             }
 
-        expert_sets = [
-            *itertools.combinations(tasks.EXPERT_TASKS, 2),
-            tuple(tasks.EXPERT_TASKS),
-        ]
-        specs = merging.merge_grid(expert_sets, settings.dare_seeds)
+        pairs = settings.pairs or tuple(itertools.combinations(tasks.EXPERT_TASKS, 2))
+        expert_sets = [*pairs, tuple(tasks.EXPERT_TASKS)]
+        specs = merging.merge_grid(expert_sets, settings.dare_seeds, settings.methods)
         merges_dir = cache_dir / f"merges-{settings.training_key()}"
+        # Each merge's rows are cached beside it, keyed by every setting, so an
+        # interrupted run resumes at the first unscored merge.
+        rows_name = f"rows-{_settings_digest(settings)}.json"
         for n, spec in enumerate(specs, 1):
+            done = merges_dir / spec.name / rows_name
+            if done.exists():
+                rows.extend(json.loads(done.read_text()))
+                continue
+            first_row = len(rows)
             with watch(f"merge {n}/{len(specs)} {spec.name}"):
                 path = merging.run_plain_merge(
                     spec, models.base, models.experts, settings.density, merges_dir
                 )
                 merged = merging.load_state(path)
 
-                def score(state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+                def score(state: Mapping[str, torch.Tensor]) -> dict[str, list]:
                     model.load_state_dict(state, strict=True)
-                    return evaluate(model)
+                    return evaluate.blocks(model)
 
                 plain = score(merged)
                 rows.append(_row("plain", plain, spec=spec, omega=1.0))
@@ -181,6 +253,7 @@ def run(
                     rows.append(
                         _row(variant, score(state), spec=spec, omega=settings.omega)
                     )
+                del state
                 if tune is not None:
                     result = tune.tune_merged(
                         models.base,
@@ -193,20 +266,28 @@ def run(
                     )
                     chosen = float(result.chosen.omega_attention)
                     if chosen >= 1.0:
-                        metrics = plain
+                        blocks = plain
                     elif chosen in aim_scores:
-                        metrics = aim_scores[chosen]
+                        blocks = aim_scores[chosen]
                     else:
                         state = merging.aim_state(
                             base_state, merged, importance, chosen
                         )
-                        metrics = score(state)
-                    rows.append(_row("tuned", metrics, spec=spec, omega=chosen))
+                        blocks = score(state)
+                    rows.append(_row("tuned", blocks, spec=spec, omega=chosen))
+            done.write_text(json.dumps(rows[first_row:]))
+            LOG.info(
+                "quality: %s plain %s aim %s",
+                spec.name,
+                rows[first_row]["metrics"],
+                summarize(aim_scores[settings.omega]),
+            )
 
     seconds = round(time.perf_counter() - start, 1)
     document = {
         "benchmark": "quality",
         "quick": quick,
+        "model": settings.model,
         "settings": asdict(settings),
         "tasks": list(tasks.TASKS),
         "higher_is_better": report.HIGHER_IS_BETTER,
@@ -216,14 +297,10 @@ def run(
         ),
         "greedy_check": checks,
         "training": models.log,
+        "importance_spread": report.importance_spread(importance),
         "seconds": seconds,
         "timings": watch.timings,
-        "machine": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "processor": platform.processor() or platform.machine(),
-        },
+        "machine": _machine(),
         "results": rows,
     }
     (out_dir / "quality.json").write_text(json.dumps(document, indent=1))
@@ -233,9 +310,41 @@ def run(
     return document
 
 
+def _settings_digest(settings: training.Settings) -> str:
+    blob = json.dumps(asdict(settings), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _machine() -> dict[str, Any]:
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [line for line in handle if line.startswith("model name")]
+        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    except OSError:
+        pass
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "processor": cpu,
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality")
     parser.add_argument("--quick", action="store_true", help="small settings (~5 min)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        choices=sorted(training.REAL),
+        help="a real pretrained base (provisioned by benchmarks.real_models) "
+        "instead of the toy trained from scratch",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument(
         "--cache", type=Path, default=None, help="model cache (default OUT/cache)"
@@ -248,7 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     torch.set_num_threads(args.threads)
-    document = run(args.out, quick=args.quick, cache_dir=args.cache)
+    if args.quick and args.model:
+        parser.error("--quick is the toy scale; it does not combine with --model")
+    document = run(
+        args.out, quick=args.quick, cache_dir=args.cache, model_name=args.model
+    )
     print((args.out / "quality.md").read_text())
     return 0 if math.isfinite(document["seconds"]) else 1
 

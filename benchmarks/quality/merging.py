@@ -58,14 +58,16 @@ class MergeSpec:
 
 
 def merge_grid(
-    expert_sets: Sequence[tuple[str, ...]], dare_seeds: Sequence[int]
+    expert_sets: Sequence[tuple[str, ...]],
+    dare_seeds: Sequence[int],
+    methods: Sequence[str] = METHODS,
 ) -> list[MergeSpec]:
     """Every method × expert set × weighting; DARE methods once per seed."""
     return [
         MergeSpec(method, experts, weights, seed)
         for experts in expert_sets
         for weights in WEIGHTINGS
-        for method in METHODS
+        for method in methods
         for seed in (dare_seeds if method in DARE else (0,))
     ]
 

@@ -487,57 +487,57 @@ def markdown(document: Mapping[str, Any]) -> str:
     timings = document.get("timings", {})
     merge_seconds = sum(v for k, v in timings.items() if k.startswith("merge "))
     run = "quick" if document.get("quick") else "full"
+    model = document.get("model")
+    command = "python -m benchmarks.quality" + (
+        f" --model {model}" if model else " --quick" if document.get("quick") else ""
+    )
+    setup = (
+        _real_setup(document, agree, total)
+        if model
+        else _toy_setup(document, agree, total)
+    )
+    spread = document.get("importance_spread")
+    has_blocks = any("blocks" in r for r in rows)
     parts = [
-        f"# Quality benchmark ({run} run)",
+        f"# Quality benchmark ({model or run} run)",
         "",
-        "Written by `python -m benchmarks.quality"
-        + (" --quick" if document.get("quick") else "")
-        + "`. Every number below comes from this one run.",
+        f"Written by `{command}`. Every number below comes from this one run.",
         "",
         "## Setup",
         "",
-        f"* Base: Llama, {s['num_layers']} layers, hidden {s['hidden_size']}, "
-        f"vocabulary {s['vocab_size']} (byte-level BPE, digits split), trained from "
-        f"scratch for {s['base_steps']} steps (batch {s['batch_size']} × "
-        f"{s['seq_len']} tokens) on `builtin`'s mixed prose/code/math training split.",
-        "* Experts, each fine-tuned from the base on one task: **code** "
-        f"(`builtin` code, language-model loss, {s['code_steps']} steps, lr "
-        f"{s['code_lr']:g}); **math** (a two-digit number plus or minus a one-digit "
-        "number, bare or as a word problem) and **instructions** (reverse / "
-        "uppercase / sort / count / largest over 3–5 spaced characters), each "
-        f"{s['train_items']} generated items, loss on the answer only, "
-        f"{s['item_steps']} steps of {s['item_batch_size']} items, lr "
-        f"{s['item_lr']:g}, each step plus the language-model loss on "
-        f"{s['replay_batch_size']} replayed blocks of the base's training text.",
-        f"* Metrics on the test split: exact match (%) of the greedy answer on "
-        f"{s['test_items']} math and {s['test_items']} instruction items; held-out "
-        f"loss (nats/token) on ~{s['heldout_chars'] // 1000}k characters of `builtin` "
-        "code and of prose (*general*: only the base was trained on prose).",
-        "  Exact match is computed in one teacher-forced pass, which equals greedy "
-        f"decoding's verdict; real greedy decoding agreed on {agree}/{total} "
-        "checked items.",
-        f"* AIM: the base calibrated on `builtin` ({s['calibration_samples']} texts "
-        f"× 512 tokens, task-agnostic), ω = {omega:g}. Controls at the same ω: "
-        "**uniform** (each tensor's delta scaled by the mean of AIM's factors "
-        "over that tensor) and **permuted** (AIM with each tensor's importance "
-        "vector randomly permuted). **tuned**: ω chosen per merge by "
-        "`mergekit_aim.tune.tune_merged` (validation split: held-out items and "
-        "texts disjoint from the test split) from "
-        f"{{{', '.join(f'{o:g}' for o in s['tune_omegas'])}}}.",
-        "* Merges: every pair and the triple, with task_arithmetic, TIES, "
-        f"DARE-TIES and DARE-linear (density {s['density']:g}; DARE over seeds "
-        f"{', '.join(str(x) for x in s['dare_seeds'])}), expert weights 1 each and "
-        "1/k each, through mergekit's `run_merge`; TIES normalizes by the weights, "
-        "so its two weightings coincide.",
-        "* Normalized scores: on an expert task 0 = base, 1 = that task's expert; "
-        "on general 1 = base, 0 = the most forgetful expert. Hypervolume is taken "
-        "over all merges of an expert set (methods, weightings, seeds) in the "
-        "space of its tasks and general. **Reference point**: per expert set, the "
-        "worst normalized score on each axis over all its merges and variants "
-        "(ω sweep included) minus 10% of the axis' range, at least 0.05 (listed "
-        "in the table); "
-        "one reference per set, shared by all variants.",
+        *setup,
         "",
+    ]
+    if spread:
+        parts += [
+            "## The base's statistic",
+            "",
+            f"Over the {spread['tensors']} relaxed tensors, quantiles of per-tensor "
+            "figures of `s = a / max(a)`, the factor AIM scales each input "
+            "channel's pull toward the base by (flat: AIM is uniform shrinkage; "
+            "peaked: a targeted edit of a few channels).",
+            "",
+            importance_table(spread),
+            "",
+        ]
+    if has_blocks:
+        parts += [
+            "## Effects with their spread",
+            "",
+            "Paired differences on the same test blocks (losses: each block's "
+            "mean NLL in nats, positive = lower loss; exact match: each item, in "
+            "points, positive = more correct). *mean diff* is the mean over "
+            "merges of each merge's mean block difference; the 95% interval is a "
+            "percentile bootstrap over test blocks (one resample of block indices "
+            "shared by all merges, 2000 resamples): an interval that excludes 0 "
+            "means the sign does not depend on which test texts were drawn. "
+            "*W–T–L*: merges where the variant is better, equal, worse on that "
+            "task. Rows per weighting follow each comparison's pooled row.",
+            "",
+            effect_table(rows, omega),
+            "",
+        ]
+    parts += [
         "## Reference models",
         "",
         references_table(rows),
@@ -589,3 +589,264 @@ def markdown(document: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(parts)
+
+
+# --- the statistic, and effects with their spread ----------------------------------
+
+
+def importance_spread(importance: Any) -> dict[str, Any]:
+    """How concentrated the base's statistic is, per relaxed tensor.
+
+    ``s = a / max(a)`` is what AIM scales the delta by: a flat statistic
+    (mean s near 1) makes AIM uniform shrinkage; a few outlier channels
+    (small mean s, large max/median) make it a targeted edit. Norm weights
+    are elementwise and included like the rest.
+    """
+    import torch
+
+    per_tensor = {}
+    for name in importance:
+        stat = importance.mean(name).float()
+        peak = float(stat.max())
+        if peak <= 0:
+            continue
+        s = stat / peak
+        median = float(stat.median())
+        per_tensor[name] = {
+            "mean_s": float(s.mean()),
+            "max_over_median": peak / median if median > 0 else math.inf,
+            "share_above_half": float((s > 0.5).float().mean()),
+        }
+    columns = {
+        key: torch.tensor([v[key] for v in per_tensor.values()])
+        for key in ("mean_s", "max_over_median", "share_above_half")
+    }
+    quantiles = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0])
+    return {
+        "tensors": len(per_tensor),
+        "quantiles": [0.0, 0.1, 0.5, 0.9, 1.0],
+        **{
+            key: [round(float(q), 4) for q in torch.quantile(col, quantiles)]
+            for key, col in columns.items()
+        },
+    }
+
+
+def importance_table(spread: Mapping[str, Any]) -> str:
+    labels = {
+        "mean_s": "mean s over the tensor",
+        "max_over_median": "max / median of a",
+        "share_above_half": "share of channels with s > 0.5",
+    }
+    header = ["per tensor", "min", "10%", "median", "90%", "max"]
+    body = [
+        [labels[key], *(f"{v:.3g}" for v in spread[key])]
+        for key in ("mean_s", "max_over_median", "share_above_half")
+    ]
+    return _table(header, body, right=5)
+
+
+def block_differences(
+    rows: Sequence[Mapping[str, Any]], variant: str, against: str, omega: float
+) -> dict[str, list[tuple[tuple, list[float]]]]:
+    """Per task: for every merge that has both, (merge key, per-block
+    ``variant − against`` differences, oriented so positive = ``variant``
+    better). ``variant``/``against`` rows are taken at ``omega`` unless they
+    are ``plain`` or ``tuned``."""
+
+    def pick(name: str) -> dict[tuple, Mapping[str, Any]]:
+        chosen = {}
+        for row in rows:
+            if row["variant"] != name or "blocks" not in row:
+                continue
+            if name not in ("plain", "tuned") and not math.isclose(row["omega"], omega):
+                continue
+            chosen[merge_key(row)] = row
+        return chosen
+
+    mine, theirs = pick(variant), pick(against)
+    out: dict[str, list[tuple[tuple, list[float]]]] = defaultdict(list)
+    for key in sorted(set(mine) & set(theirs), key=lambda k: (_order(k[:3]), k[3])):
+        for task in TASKS:
+            if task != "general" and task not in mine[key]["experts"]:
+                continue
+            sign = 1.0 if HIGHER_IS_BETTER[task] else -1.0
+            a, b = mine[key]["blocks"][task], theirs[key]["blocks"][task]
+            out[task].append((key, [sign * (x - y) for x, y in zip(a, b, strict=True)]))
+    return dict(out)
+
+
+def bootstrap_interval(
+    differences: Sequence[Sequence[float]],
+    *,
+    samples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
+    """(mean, low, high) of the mean over merges of each merge's mean block
+    difference, with a percentile bootstrap over evaluation blocks.
+
+    All merges are scored on the same blocks, so one resample of block
+    indices is applied to every merge: the interval reflects how much the
+    conclusion depends on which test texts and items were drawn.
+    """
+    import torch
+
+    table = torch.tensor([list(d) for d in differences], dtype=torch.float64)
+    merges, blocks = table.shape
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, blocks, (samples, blocks), generator=generator)
+    # [samples, merges]: each merge's mean over the resampled blocks
+    means = table[:, index].mean(-1).T.mean(-1)
+    low, high = torch.quantile(
+        means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    )
+    return float(table.mean()), float(low), float(high)
+
+
+COMPARISONS = (
+    ("aim", "plain"),
+    ("aim", "uniform"),
+    ("aim", "permuted"),
+    ("uniform", "plain"),
+    ("tuned", "plain"),
+)
+
+
+def effect_table(rows: Sequence[Mapping[str, Any]], omega: float) -> str:
+    """Paired differences per task, pooled over merges and by weighting."""
+    header = ["comparison", "task", "merges", "weights", "mean diff", "95% CI", "W–T–L"]
+    body = []
+    for variant, against in COMPARISONS:
+        diffs = block_differences(rows, variant, against, omega)
+        for task in TASKS:
+            entries = diffs.get(task, [])
+            for weights in (None, "1", "1/k"):
+                chosen = [d for k, d in entries if weights in (None, k[2])]
+                if not chosen:
+                    continue
+                mean_, low, high = bootstrap_interval(chosen)
+                totals = [sum(d) for d in chosen]
+                record = "–".join(
+                    str(n)
+                    for n in (
+                        sum(t > 0 for t in totals),
+                        sum(t == 0 for t in totals),
+                        sum(t < 0 for t in totals),
+                    )
+                )
+                unit = 100 if task in ("math", "instructions") else 1
+                fmt = "{:+.1f}" if unit == 100 else "{:+.4f}"
+                body.append(
+                    [
+                        f"{variant} − {against}" if weights is None else "",
+                        LABELS[task] if weights is None else "",
+                        str(len(chosen)),
+                        "all" if weights is None else weights,
+                        fmt.format(unit * mean_),
+                        f"[{fmt.format(unit * low)}, {fmt.format(unit * high)}]",
+                        record,
+                    ]
+                )
+    return _table(header, body, right=4)
+
+
+def _toy_setup(document: Mapping[str, Any], agree: int, total: int) -> list[str]:
+    s = document["settings"]
+    omega = s["omega"]
+    return [
+        f"* Base: Llama, {s['num_layers']} layers, hidden {s['hidden_size']}, "
+        f"vocabulary {s['vocab_size']} (byte-level BPE, digits split), trained from "
+        f"scratch for {s['base_steps']} steps (batch {s['batch_size']} × "
+        f"{s['seq_len']} tokens) on `builtin`'s mixed prose/code/math training split.",
+        "* Experts, each fine-tuned from the base on one task: **code** "
+        f"(`builtin` code, language-model loss, {s['code_steps']} steps, lr "
+        f"{s['code_lr']:g}); **math** (a two-digit number plus or minus a one-digit "
+        "number, bare or as a word problem) and **instructions** (reverse / "
+        "uppercase / sort / count / largest over 3–5 spaced characters), each "
+        f"{s['train_items']} generated items, loss on the answer only, "
+        f"{s['item_steps']} steps of {s['item_batch_size']} items, lr "
+        f"{s['item_lr']:g}, each step plus the language-model loss on "
+        f"{s['replay_batch_size']} replayed blocks of the base's training text.",
+        f"* Metrics on the test split: exact match (%) of the greedy answer on "
+        f"{s['test_items']} math and {s['test_items']} instruction items; held-out "
+        f"loss (nats/token) on ~{s['heldout_chars'] // 1000}k characters of `builtin` "
+        "code and of prose (*general*: only the base was trained on prose).",
+        "  Exact match is computed in one teacher-forced pass, which equals greedy "
+        f"decoding's verdict; real greedy decoding agreed on {agree}/{total} "
+        "checked items.",
+        f"* AIM: the base calibrated on `builtin` ({s['calibration_samples']} texts "
+        f"× 512 tokens, task-agnostic), ω = {omega:g}. Controls at the same ω: "
+        "**uniform** (each tensor's delta scaled by the mean of AIM's factors "
+        "over that tensor) and **permuted** (AIM with each tensor's importance "
+        "vector randomly permuted). **tuned**: ω chosen per merge by "
+        "`mergekit_aim.tune.tune_merged` (validation split: held-out items and "
+        "texts disjoint from the test split) from "
+        f"{{{', '.join(f'{o:g}' for o in s['tune_omegas'])}}}.",
+        "* Merges: every pair and the triple, with task_arithmetic, TIES, "
+        f"DARE-TIES and DARE-linear (density {s['density']:g}; DARE over seeds "
+        f"{', '.join(str(x) for x in s['dare_seeds'])}), expert weights 1 each and "
+        "1/k each, through mergekit's `run_merge`; TIES normalizes by the weights, "
+        "so its two weightings coincide.",
+        "* Normalized scores: on an expert task 0 = base, 1 = that task's expert; "
+        "on general 1 = base, 0 = the most forgetful expert. Hypervolume is taken "
+        "over all merges of an expert set (methods, weightings, seeds) in the "
+        "space of its tasks and general. **Reference point**: per expert set, the "
+        "worst normalized score on each axis over all its merges and variants "
+        "(ω sweep included) minus 10% of the axis' range, at least 0.05 (listed "
+        "in the table); "
+        "one reference per set, shared by all variants.",
+    ]
+
+
+def _real_setup(document: Mapping[str, Any], agree: int, total: int) -> list[str]:
+    from benchmarks.real_models import model_spec
+
+    s = document["settings"]
+    spec = model_spec(document["model"])
+    sets = [set_name(p) for p in s["pairs"] or ()] + [set_name(EXPERT_TASKS)]
+    methods = ", ".join(SHORT[m] for m in s["methods"])
+    return [
+        f"* Base: **{spec.description}** ({spec.license}), provisioned offline by "
+        "`benchmarks.real_models` (4-bit weights dequantised to bf16): a real "
+        "pretrained model, not trained here.",
+        "* Experts, each the whole base fully fine-tuned on one task on the CPU "
+        "(AdamW, warm-up and cosine decay, bf16 autocast, float32 weights and "
+        "task vectors), with no replay of general text: **code** (`builtin` "
+        f"code, language-model loss, {s['code_steps']} steps of {s['batch_size']} × "
+        f"{s['seq_len']} tokens, lr {s['code_lr']:g}); **math** (a two-digit number "
+        "plus or minus a one-digit number, bare or as a word problem; the base "
+        "answers none exactly) and **instructions** (reverse / uppercase / sort / "
+        "count / largest over 3–5 spaced characters), each from "
+        f"{s['train_items']} generated items, loss on the answer and end-of-text "
+        f"only, {s['item_steps']} steps of {s['item_batch_size']} items, lr "
+        f"{s['item_lr']:g}.",
+        f"* Metrics on the test split, scored in {s['eval_dtype']}: exact match (%) "
+        f"of the greedy answer (answer then end-of-text) on {s['test_items']} math "
+        f"and {s['test_items']} instruction items; held-out loss (nats/token, "
+        f"blocks of {s['seq_len']} tokens) on ~{s['heldout_chars'] // 1000}k "
+        "characters of `builtin` code and of prose (*general*: held-out prose "
+        "no expert saw, what the base knew). Exact match is computed in one "
+        "teacher-forced pass, which equals greedy decoding's verdict; real greedy "
+        f"decoding agreed on {agree}/{total} checked expert items.",
+        f"* AIM: the base calibrated on `builtin`'s {s['calibration_split']} split "
+        f"({s['calibration_samples']} texts × 512 tokens; task-agnostic, disjoint "
+        f"from every test text), ω = {s['omega']:g}. Controls at the same ω: "
+        "**uniform** (each tensor's delta scaled by the mean of AIM's factors over "
+        "that tensor: the same shrinkage, no activation information) and "
+        "**permuted** (AIM with each tensor's statistic randomly permuted: the "
+        "same factors on the wrong channels). **tuned**: ω chosen per merge by "
+        "`mergekit_aim.tune.tune_merged` on a validation split disjoint from the "
+        f"test split, from {{{', '.join(f'{o:g}' for o in s['tune_omegas'])}}}.",
+        f"* Merges through mergekit's `run_merge` ({methods}; density "
+        f"{s['density']:g}; DARE over seeds "
+        f"{', '.join(str(x) for x in s['dare_seeds'])}) of {', '.join(sets)}, "
+        "expert weights 1 each and 1/k each, in float32; TIES normalizes by the "
+        "weights, so its two weightings coincide. The ω sweep runs on every merge "
+        "of the triple.",
+        "* Normalized scores: on an expert task 0 = base, 1 = that task's expert; "
+        "on general 1 = base, 0 = the most forgetful expert. Hypervolume is taken "
+        "over all merges of an expert set in the space of its tasks and general; "
+        "reference point per set: the worst normalized score on each axis over "
+        "all its merges and variants minus 10% of the axis' range (at least 0.05).",
+    ]
