@@ -310,6 +310,39 @@ def run(
     return document
 
 
+def build_experts(
+    out_dir: Path,
+    *,
+    quick: bool = False,
+    cache_dir: Path | None = None,
+    model_name: str | None = None,
+) -> dict[str, Path]:
+    """Only the first stage: the base, the three experts and the base's
+    artifact (cached like a full run), linked as ``OUT/models/<name>``."""
+    from mergekit_aim.demo import quiet_transformers
+
+    settings = settings_for(quick, model_name)
+    out_dir = Path(out_dir)
+    cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
+    with quiet_transformers():
+        models = training.build_models(
+            settings, training.build_data(settings), cache_dir
+        )
+    targets = {
+        "base": models.base,
+        **{f"expert_{task}": path for task, path in models.experts.items()},
+        "importance.safetensors": models.importance,
+    }
+    links = out_dir / "models"
+    links.mkdir(parents=True, exist_ok=True)
+    for name, target in targets.items():
+        link = links / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(Path(target).resolve())
+    return {name: links / name for name in targets}
+
+
 def _settings_digest(settings: training.Settings) -> str:
     blob = json.dumps(asdict(settings), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
@@ -347,6 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument(
+        "--experts-only",
+        action="store_true",
+        help="only train (or find) the experts and calibrate the base; link them "
+        "as OUT/models/<name> and print their paths",
+    )
+    parser.add_argument(
         "--cache", type=Path, default=None, help="model cache (default OUT/cache)"
     )
     parser.add_argument(
@@ -359,9 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.quick and args.model:
         parser.error("--quick is the toy scale; it does not combine with --model")
-    document = run(
-        args.out, quick=args.quick, cache_dir=args.cache, model_name=args.model
-    )
+    where = dict(quick=args.quick, cache_dir=args.cache, model_name=args.model)
+    if args.experts_only:
+        for name, path in build_experts(args.out, **where).items():
+            print(f"{name}: {path}")
+        return 0
+    document = run(args.out, **where)
     print((args.out / "quality.md").read_text())
     return 0 if math.isfinite(document["seconds"]) else 1
 
