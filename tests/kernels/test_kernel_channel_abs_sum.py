@@ -116,6 +116,21 @@ def test_torch_blocks_cover_everything(monkeypatch, block_elems, view):
     check(channel_abs_sum(x, backend="torch"), x)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("block_elems", [None, 64])
+def test_non_finite_input_stays_non_finite(monkeypatch, backend, block_elems):
+    # Calibration detects activations that overflowed their dtype by the
+    # non-finite sums they leave: no backend may drop or clamp inf and NaN.
+    if block_elems is not None:
+        monkeypatch.setattr(_torch, "BLOCK_ELEMS", block_elems)
+    x = make((3, 40, 17), torch.float16)
+    x[0, 3, 5] = float("inf")
+    x[2, 39, 9] = float("nan")
+    result = channel_abs_sum(x, backend=backend)
+    assert result[5] == float("inf") and result[9].isnan()
+    assert int(torch.isfinite(result).sum()) == 15
+
+
 @needs_interpreter
 def test_triton_row_splits():
     # Enough rows for several programs per column block and a ragged last split.
