@@ -10,7 +10,7 @@ costs what it costs in a real model; nothing is downloaded):
 * ``ours``: ``mergekit_aim.collect_importance(model, blocks, batch_size=B)``, at
   batch size B and at batch size 1;
 * ``paper-style``: batch size 1, forward hooks on every Linear and norm computing
-  the block's per-channel mean ``x.abs().view(-1, C).mean(0)``, moving it to the
+  the block's per-channel mean ``x.abs().reshape(-1, C).mean(0)``, moving it to the
   host and adding it into a Python dict on every call, full forward including
   the LM head (the habit of the paper's and llm-awq's code);
 * ``bare``: ``model(input_ids=batch, use_cache=False)`` with no hooks, with the LM
@@ -143,13 +143,18 @@ def _is_paper_target(module: nn.Module) -> bool:
 
 
 def paper_style(model: nn.Module, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Batch size 1, per-call block means moved to the host into a dict."""
+    """Batch size 1, per-call block means moved to the host into a dict.
+
+    ``reshape`` where the paper's and llm-awq's code write ``view``: some
+    inputs are not contiguous (Gemma-3's q/k norms see a transposed view), and
+    on contiguous ones the two are the same operation.
+    """
     stats: dict[str, torch.Tensor] = {}
 
     def make_hook(name: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             x = inputs[0]
-            mean = x.abs().view(-1, x.shape[-1]).mean(0).cpu()
+            mean = x.abs().reshape(-1, x.shape[-1]).mean(0).cpu()
             stats[name] = stats[name] + mean if name in stats else mean
 
         return hook
