@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mergekit-aim-installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test install lint mergekit-tests clean real-models
+.PHONY: demo test install lint mergekit-tests clean real-models gpu-check
 
 install: $(STAMP)
 
@@ -43,6 +43,12 @@ mergekit-tests: $(STAMP)
 REAL_MODELS ?= .real-models
 real-models: $(STAMP)
 	$(PY) -m benchmarks.real_models $(REAL_MODELS)
+
+# Where CUDA exists: the CUDA tests and the GPU rows of every benchmark on
+# SmolLM2 (provisioned first), in under 8 minutes, results under
+# benchmarks/results/gpu/<device>/. Without CUDA it says so and succeeds.
+gpu-check: $(STAMP)
+	$(PY) -m benchmarks.gpu_check
 
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff

@@ -1,7 +1,7 @@
 """Calibration throughput: our collector, a paper-style hook loop, bare forwards.
 
 Usage: ``python benchmarks/calibration.py [--quick] [--out DIR] [--repeat N]
-[--threads N]``.
+[--threads N] [--device DEV] [--model NAME [--blocks N] [--batch N]]``.
 
 All variants run on the same random token blocks through the same random-weight
 Llama (built from a ``LlamaConfig`` with a 32000-token vocabulary, so the LM head
@@ -10,7 +10,7 @@ costs what it costs in a real model; nothing is downloaded):
 * ``ours``: ``mergekit_aim.collect_importance(model, blocks, batch_size=B)``, at
   batch size B and at batch size 1;
 * ``paper-style``: batch size 1, forward hooks on every Linear and norm computing
-  the block's per-channel mean ``x.abs().view(-1, C).mean(0)``, moving it to the
+  the block's per-channel mean ``x.abs().reshape(-1, C).mean(0)``, moving it to the
   host and adding it into a Python dict on every call, full forward including
   the LM head (the habit of the paper's and llm-awq's code);
 * ``bare``: ``model(input_ids=batch, use_cache=False)`` with no hooks, with the LM
@@ -23,6 +23,14 @@ noise hits every variant alike; CPU time and wall time are both recorded (see
 of blocks and against model size, and plots it when matplotlib is installed.
 Results go to ``DIR/calibration.json`` and ``DIR/calibration.md`` (``-quick``
 suffix with ``--quick``), the plot to ``DIR/calibration.png``; tables are printed.
+
+``--model smollm2-135m|gemma3-270m`` runs the same head-to-head on a real
+pretrained checkpoint instead (provisioned by ``benchmarks.real_models.ensure``),
+in float32 (``--dtype`` to change), on token blocks of real text (the builtin
+corpus, packed the product's way; for models whose spec asks for it, Gemma-3,
+every block starts with ``<bos>``). No scaling part. Results go to
+``DIR/calibration-<model>[-<device>][-quick].{json,md}`` (the device only when
+not the CPU).
 """
 
 from __future__ import annotations
@@ -39,9 +47,10 @@ import torch
 from torch import nn
 
 try:
-    from benchmarks import common
+    from benchmarks import common, real_models
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     import common
+    import real_models
 
 from mergekit_aim import collect_importance
 
@@ -87,6 +96,25 @@ FULL = Plan("medium", 8, 512, 4, 3, (2, 4, 8, 16), 4, ("small", "medium", "large
 QUICK = Plan("small", 8, 256, 4, 3, (2, 4, 8), 4, ("small", "medium"))
 
 
+@dataclass(frozen=True)
+class RealPlan:
+    """The head-to-head on a real checkpoint: ``blocks`` × ``seq_len`` tokens."""
+
+    blocks: int
+    seq_len: int
+    batch: int
+    repeat: int
+
+
+# Sized for minutes on one CPU thread. Gemma-3's LM head (vocabulary 262144) is
+# twice its decoder's cost, and its batch-4 logits take 2 GiB in float32.
+REAL_PLANS = {
+    "smollm2-135m": RealPlan(8, 512, 4, 3),
+    "gemma3-270m": RealPlan(4, 512, 4, 3),
+}
+REAL_QUICK = RealPlan(4, 256, 2, 1)
+
+
 DEVICE = torch.device("cpu")
 
 
@@ -115,13 +143,18 @@ def _is_paper_target(module: nn.Module) -> bool:
 
 
 def paper_style(model: nn.Module, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Batch size 1, per-call block means moved to the host into a dict."""
+    """Batch size 1, per-call block means moved to the host into a dict.
+
+    ``reshape`` where the paper's and llm-awq's code write ``view``: some
+    inputs are not contiguous (Gemma-3's q/k norms see a transposed view), and
+    on contiguous ones the two are the same operation.
+    """
     stats: dict[str, torch.Tensor] = {}
 
     def make_hook(name: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             x = inputs[0]
-            mean = x.abs().view(-1, x.shape[-1]).mean(0).cpu()
+            mean = x.abs().reshape(-1, x.shape[-1]).mean(0).cpu()
             stats[name] = stats[name] + mean if name in stats else mean
 
         return hook
@@ -182,14 +215,22 @@ def head_to_head(plan: Plan) -> tuple[list[dict[str, object]], dict[str, object]
     model = random_llama(size)
     gen = torch.Generator().manual_seed(1)
     blocks = torch.randint(0, VOCAB, (plan.blocks, plan.seq_len), generator=gen)
-    blocks = blocks.to(DEVICE)
+    rows, extra = compare_variants(model, blocks.to(DEVICE), plan.batch, plan.repeat)
+    extra["setting"] = {"model": asdict(size), **extra["setting"]}
+    return rows, extra
+
+
+def compare_variants(
+    model: nn.Module, blocks: torch.Tensor, batch: int, repeat: int
+) -> tuple[list[dict[str, object]], dict[str, object]]:
+    """Every variant on ``blocks`` (already on the model's device), round-robin."""
     tokens = blocks.numel()
-    warm = variants(model, blocks[: min(plan.batch, plan.blocks)], plan.batch)
+    warm = variants(model, blocks[: min(batch, len(blocks))], batch)
     for name, fn in warm.items():
         fn()
         LOG.info("warmed up %s", name)
     times = common.round_robin(
-        variants(model, blocks, plan.batch), plan.repeat, log=LOG.info, sync=_sync
+        variants(model, blocks, batch), repeat, log=LOG.info, sync=_sync
     )
     rows = []
     for name, t in times.items():
@@ -205,19 +246,82 @@ def head_to_head(plan: Plan) -> tuple[list[dict[str, object]], dict[str, object]
                 "tokens_per_wall_s": tokens / wall,
             }
         )
-    agreement = statistic_agreement(model, blocks, plan.batch)
+    agreement = statistic_agreement(model, blocks, batch)
     setting = {
-        "model": asdict(size),
         "device": str(DEVICE),
         "params": parameter_count(model),
-        "blocks": plan.blocks,
-        "seq_len": plan.seq_len,
+        "blocks": len(blocks),
+        "seq_len": blocks.shape[1],
         "tokens": tokens,
-        "batch": plan.batch,
-        "repeat": plan.repeat,
+        "batch": batch,
+        "repeat": repeat,
         "max_rel_diff_ours_vs_paper": agreement,
     }
     return rows, {"setting": setting, "times": times}
+
+
+# --- real checkpoints ----------------------------------------------------------------
+
+
+def real_blocks(
+    path: Path,
+    count: int,
+    seq_len: int,
+    bos_every_chunk: bool,
+    dataset: str = "builtin",
+) -> torch.Tensor:
+    """``count`` blocks of ``dataset`` text (the builtin corpus), tokenized
+    with ``path``'s tokenizer and packed as the product packs calibration data;
+    with ``bos_every_chunk`` each block is ``<bos>`` followed by ``seq_len - 1``
+    packed tokens."""
+    from transformers import AutoTokenizer
+
+    from mergekit_aim.calibration.data import build_blocks
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    packed = seq_len - 1 if bos_every_chunk else seq_len
+    built = build_blocks(
+        dataset, tokenizer, num_samples=max(64, 4 * count), seq_len=packed
+    )
+    tokens = built.tokens[:count]
+    if len(tokens) < count:
+        raise SystemExit(
+            f"{dataset} gave {len(tokens)} blocks of {seq_len} tokens for "
+            f"{path}; asked for {count}"
+        )
+    if bos_every_chunk:
+        bos = torch.full((count, 1), tokenizer.bos_token_id, dtype=tokens.dtype)
+        tokens = torch.cat([bos, tokens], dim=1)
+    return tokens
+
+
+def real_head_to_head(
+    path: Path,
+    plan: RealPlan,
+    *,
+    dtype: torch.dtype,
+    bos_every_chunk: bool,
+    dataset: str = "builtin",
+) -> tuple[list[dict[str, object]], dict[str, object]]:
+    from transformers import AutoModelForCausalLM
+
+    blocks = real_blocks(path, plan.blocks, plan.seq_len, bos_every_chunk, dataset)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = model.eval().to(DEVICE)
+    rows, extra = compare_variants(model, blocks.to(DEVICE), plan.batch, plan.repeat)
+    config = model.config
+    extra["setting"].update(
+        checkpoint=str(path),
+        architecture=type(model).__name__,
+        layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        vocab=config.vocab_size,
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        dtype=str(dtype).replace("torch.", ""),
+        data=("builtin corpus" if dataset == "builtin" else f"`{dataset}`")
+        + (", <bos> at each block" if bos_every_chunk else ""),
+    )
+    return rows, extra
 
 
 def statistic_agreement(model: nn.Module, blocks: torch.Tensor, batch: int) -> float:
@@ -370,13 +474,25 @@ def markdown(
 ) -> str:
     model = setting["model"]
     b = setting["batch"]
+    if isinstance(model, str):
+        described = (
+            f"Model: {model} ({setting['architecture']}, {setting['layers']} layers, "
+            f"hidden {setting['hidden']}, vocab {setting['vocab']}"
+            f"{', tied embeddings' if setting['tied_embeddings'] else ''}), "
+            f"pretrained, {setting['params'] / 1e6:.0f}M parameters, "
+            f"{setting['dtype']}, on {setting['device']}. Data: {setting['data']}, "
+        )
+    else:
+        described = (
+            f"Model: random-weight Llama, hidden {model['hidden']}, "
+            f"{model['layers']} layers, vocab {VOCAB}, "
+            f"{setting['params'] / 1e6:.0f}M parameters, float32, on "
+            f"{setting['device']}. Data: "
+        )
     lines = [
         f"{common.machine_line(info)}; {'--quick' if quick else 'full'} settings.",
         "",
-        f"Model: random-weight Llama, hidden {model['hidden']}, {model['layers']} "
-        f"layers, vocab {VOCAB}, {setting['params'] / 1e6:.0f}M parameters, "
-        f"float32, on {setting['device']}. Data: {setting['blocks']} blocks × "
-        f"{setting['seq_len']} tokens "
+        f"{described}{setting['blocks']} blocks × {setting['seq_len']} tokens "
         f"({setting['tokens']} tokens); medians of {setting['repeat']} round-robin "
         f"rounds. CPU time is this process's (all threads); wall time includes "
         f"waiting for cores other jobs hold.",
@@ -453,6 +569,10 @@ def markdown(
         "",
         "Max relative difference of the statistics, ours vs paper-style: "
         f"{setting['max_rel_diff_ours_vs_paper']:.1e}.",
+    ]
+    if not scale_rows:
+        return "\n".join(lines) + "\n"
+    lines += [
         "",
         f"Scaling (CPU time, median of 2; ours at batch {b}, paper-style at batch 1):",
         "",
@@ -469,7 +589,7 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, ~2 min")
     parser.add_argument(
@@ -491,12 +611,40 @@ def main(argv: list[str] | None = None) -> int:
         default="cpu",
         help="where the model runs (cuda: then compare wall-time columns)",
     )
+    parser.add_argument(
+        "--model",
+        choices=sorted(real_models.MODELS),
+        default=None,
+        help="a real pretrained checkpoint (benchmarks.real_models) instead of the "
+        "synthetic Llama; only the head-to-head runs",
+    )
+    parser.add_argument(
+        "--blocks", type=int, default=None, help="with --model: token blocks"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="with --model: our batch size"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="with --model: the dtype the model runs in",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.model is None and (args.blocks or args.batch or args.dtype != "float32"):
+        parser.error("--blocks, --batch and --dtype go with --model")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     common.set_threads(args.threads)
     global DEVICE
     DEVICE = torch.device(args.device)
+    if args.model is not None:
+        return main_real(args)
 
     plan = QUICK if args.quick else FULL
     if args.repeat:
@@ -506,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     setting = extra["setting"]
     ratios = derived(extra["times"], plan.batch)
     scale_rows = scaling(plan)
+    common.record_end_load(info)
     name = "calibration-quick" if args.quick else "calibration"
     args.out.mkdir(parents=True, exist_ok=True)
     plotted = plot(scale_rows, args.out / f"{name}.png", common.machine_line(info))
@@ -519,6 +668,40 @@ def main(argv: list[str] | None = None) -> int:
         "results": rows,
         "ratios": ratios,
         "scaling": scale_rows,
+    }
+    common.write_results(args.out, name, payload, table)
+    sys.stdout.write(table)
+    return 0
+
+
+def main_real(args: argparse.Namespace) -> int:
+    spec = real_models.model_spec(args.model)
+    plan = REAL_QUICK if args.quick else REAL_PLANS[args.model]
+    overrides = {"blocks": args.blocks, "batch": args.batch, "repeat": args.repeat}
+    plan = RealPlan(**{**asdict(plan), **{k: v for k, v in overrides.items() if v}})
+    path = real_models.ensure(args.model)
+    info = common.machine_info()
+    rows, extra = real_head_to_head(
+        path,
+        plan,
+        dtype=getattr(torch, args.dtype),
+        bos_every_chunk=spec.bos_every_chunk,
+    )
+    common.record_end_load(info)
+    setting = {"model": args.model, **extra["setting"]}
+    ratios = derived(extra["times"], plan.batch)
+    table = markdown(info, setting, rows, ratios, [], args.quick)
+    name = f"calibration-{args.model}"
+    if DEVICE.type != "cpu":
+        name += f"-{DEVICE.type}"
+    if args.quick:
+        name += "-quick"
+    payload = {
+        "machine": info,
+        "quick": args.quick,
+        "setting": setting,
+        "results": rows,
+        "ratios": ratios,
     }
     common.write_results(args.out, name, payload, table)
     sys.stdout.write(table)

@@ -44,14 +44,34 @@ def machine_info() -> dict[str, object]:
     return info
 
 
+def record_end_load(info: dict[str, object]) -> dict[str, object]:
+    """Add the load average when measuring ended (the other job's share shows
+    in both ends: a run that started idle may have ended loaded)."""
+    try:
+        info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        info["load_average_at_end"] = None
+    return info
+
+
 def machine_line(info: Mapping[str, object]) -> str:
     load = info.get("load_average_at_start")
     load_text = f", load average {load[0]:.1f} at start" if load else ""
+    end = info.get("load_average_at_end")
+    if load and end:
+        load_text += f", {end[0]:.1f} at end"
     return (
         f"Machine: {info['cpu']}, {info['cores']} cores "
         f"({info['torch_threads']} torch threads), {info['ram_gib']} GiB RAM, "
         f"torch {info['torch']}, GPU: {info['gpu'] or 'none'}{load_text}"
     )
+
+
+def device_slug(name: str) -> str:
+    """A file-name-safe form of a device name ("NVIDIA H100 80GB HBM3" ->
+    "nvidia-h100-80gb-hbm3")."""
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower())
+    return "-".join(part for part in slug.split("-") if part) or "device"
 
 
 def set_threads(threads: int | None) -> None:
@@ -111,6 +131,34 @@ def write_results(
     json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     md_path.write_text(table)
     return json_path, md_path
+
+
+# --- checkpoints on disk -------------------------------------------------------------
+
+
+def checkpoint_parameters(directory: Path) -> int:
+    """Parameters stored in ``directory``'s safetensors files (a tied head is
+    stored once, so counted once)."""
+    from safetensors import safe_open
+
+    count = 0
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(path, "pt") as handle:
+            for key in handle.keys():
+                count += torch.Size(handle.get_slice(key).get_shape()).numel()
+    return count
+
+
+def checkpoint_shape(directory: Path) -> dict[str, object]:
+    """Architecture and sizes from ``directory/config.json``."""
+    config = json.loads((directory / "config.json").read_text())
+    return {
+        "architecture": (config.get("architectures") or ["?"])[0],
+        "layers": config.get("num_hidden_layers"),
+        "hidden": config.get("hidden_size"),
+        "intermediate": config.get("intermediate_size"),
+        "vocab": config.get("vocab_size"),
+    }
 
 
 # --- synthetic Llama checkpoints ----------------------------------------------------

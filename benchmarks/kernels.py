@@ -1,12 +1,14 @@
 """Throughput of the AIM kernels: effective GB/s against the machine's copy bandwidth.
 
-Usage: ``python benchmarks/kernels.py [--quick] [--out DIR]``.
+Usage: ``python benchmarks/kernels.py [--quick] [--out DIR] [--device cpu|cuda]``.
 
 "Effective" bandwidth is the bytes an op must move at least (each input read
 once, each output written once) divided by its time. Each op is compared with
 ``dst.copy_(src)`` of comparable bytes on the same device (the practical ceiling
 for a streaming pass) and with the eager, unfused torch expression it replaces.
 Results go to ``DIR/kernels.json`` and ``DIR/kernels.md``; the table is printed.
+By default the CPU rows run, then the GPU rows at full sizes where CUDA exists;
+``--device`` runs one device only (``--device cuda`` writes ``kernels-cuda.*``).
 """
 
 from __future__ import annotations
@@ -218,7 +220,7 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, < 1 min")
     parser.add_argument(
@@ -228,18 +230,34 @@ def main(argv: list[str] | None = None) -> int:
         help="directory for kernels.json and kernels.md",
     )
     parser.add_argument("--repeat", type=int, default=None, help="timed runs per op")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="only this device (default: the CPU, then CUDA where available)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     sizes = QUICK if args.quick else FULL
     repeat = args.repeat or (3 if args.quick else 5)
     info = machine()
-    rows = run_device(torch.device("cpu"), sizes, repeat)
-    if torch.cuda.is_available():
+    rows = []
+    if args.device in (None, "cpu"):
+        rows += run_device(torch.device("cpu"), sizes, repeat)
+    if args.device == "cuda" or (args.device is None and torch.cuda.is_available()):
         rows += run_device(torch.device("cuda"), FULL, max(repeat, 20))
     table = markdown(info, rows, args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "kernels-quick" if args.quick else "kernels"
+    name = "kernels" + (f"-{args.device}" if args.device == "cuda" else "")
+    name += "-quick" if args.quick else ""
     (args.out / f"{name}.json").write_text(
         json.dumps({"machine": info, "quick": args.quick, "results": rows}, indent=2)
     )

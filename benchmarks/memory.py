@@ -1,7 +1,7 @@
 """Peak memory of ``mergekit-aim calibrate`` with and without ``--max-memory``.
 
 Usage: ``python benchmarks/memory.py [--quick] [--out DIR] [--cap SIZE]
-[--workdir DIR]``.
+[--workdir DIR] [--model NAME]``.
 
 Writes a synthetic Llama (random bf16 weights, a locally trained tokenizer, a
 small JSON-lines calibration set) whose float32 weights — what
@@ -14,6 +14,11 @@ command on a tiny model (the interpreter, libraries, data
 and tokenizer: what any run costs besides the weights). The capped
 artifact must equal the uncapped one. Results go to ``DIR/memory.json`` and
 ``.md`` (``-quick`` suffix with ``--quick``).
+
+``--model smollm2-135m|gemma3-270m`` calibrates a real pretrained checkpoint
+(``benchmarks.real_models.ensure``) instead, with its own tokenizer; the
+baseline is then a one-layer, 64-wide model of the same architecture and
+vocabulary with the same tokenizer. Results go to ``DIR/memory-<model>.*``.
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ from pathlib import Path
 import torch
 
 try:
-    from benchmarks import common
+    from benchmarks import common, real_models
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     import common
+    import real_models
 
 LOG = logging.getLogger("benchmarks.memory")
 
@@ -45,6 +51,12 @@ SAMPLES, SEQ_LEN, BATCH = 24, 128, 4
 # The baseline: the same command on a model too small to matter (what any run
 # costs besides the weights: interpreter, libraries, data, tokenizer).
 TINY = common.LlamaShape(64, 128, 1, 4, 4, 2048)
+# Caps for the real checkpoints: well under their float32 weights (SmolLM2:
+# 513 MiB, of which the tied embedding 108; Gemma-3: 1022 MiB, of which the tied
+# embedding 640, so the cap puts the embedding itself on disk).
+# Gemma-3 also at a cap above its embedding: below it, accelerate's device map
+# offloads the whole model as one module (see the README).
+REAL_CAPS = {"smollm2-135m": "150MiB", "gemma3-270m": "400MiB,700MiB"}
 
 
 def write_model(shape: common.LlamaShape, directory: Path) -> tuple[Path, int]:
@@ -70,6 +82,24 @@ def write_model(shape: common.LlamaShape, directory: Path) -> tuple[Path, int]:
     tokenizer.save_pretrained(directory)
     save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
     return directory, sum(t.numel() for t in state.values())
+
+
+def write_tiny_like(real: Path, directory: Path) -> Path:
+    """A one-layer, 64-wide random model of ``real``'s architecture and
+    vocabulary, with ``real``'s tokenizer: the real model's baseline."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(real)
+    config.num_hidden_layers = 1
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:1]
+    config.hidden_size, config.intermediate_size = 64, 128
+    config.num_attention_heads = config.num_key_value_heads = 1
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(real).save_pretrained(directory)
+    return directory
 
 
 def write_text(path: Path) -> Path:
@@ -204,20 +234,34 @@ def parse_size(text: str) -> int:
 def markdown(info, setting, rows, agreement, quick: bool) -> str:
     mib = 2**20
     s = setting["shape"]
+    if "model" in setting:
+        model = (
+            f"Model: {setting['model']} (pretrained, {s['architecture']}, "
+            f"{s['layers']} layers, hidden {s['hidden']}, vocab {s['vocab']}), "
+        )
+        baseline = (
+            f"a one-layer, 64-wide random {s['architecture']} with the same "
+            f"vocabulary and tokenizer (its embedding is "
+            f"{64 * 4 * s['vocab'] / mib:.0f} MiB in float32)"
+        )
+    else:
+        model = (
+            f"Model: synthetic Llama (hidden {s['hidden']}, {s['layers']} layers, "
+            f"intermediate {s['intermediate']}, vocab {s['vocab']}), "
+        )
+        baseline = f"a {TINY.hidden}-wide one-layer model"
     lines = [
         f"{common.machine_line(info)}; {'--quick' if quick else 'full'} settings.",
         "",
-        f"Model: synthetic Llama (hidden {s['hidden']}, {s['layers']} layers, "
-        f"intermediate {s['intermediate']}, vocab {s['vocab']}), "
-        f"{setting['params'] / 1e6:.0f}M parameters: "
+        f"{model}{setting['params'] / 1e6:.0f}M parameters: "
         f"{setting['checkpoint_bytes'] / mib:.0f} MiB bf16 on disk, "
         f"{setting['fp32_bytes'] / mib:.0f} MiB as the float32 weights calibration "
         f"runs with on CPU. Calibration: {SAMPLES} texts packed into "
         f"{setting['blocks']} blocks × {SEQ_LEN} tokens, batch {BATCH}. Peak RSS "
         f"of each `mergekit-aim calibrate` child: its VmHWM (anonymous and "
         f"file-backed parts sampled from /proc every 10 ms); the baseline is the "
-        f"same command on a {TINY.hidden}-wide one-layer model (libraries, data, "
-        f"tokenizer: everything but the weights).",
+        f"same command on {baseline} (libraries, data, tokenizer: everything but "
+        "the weights).",
         "",
         "| run | peak RSS (MiB) | above baseline | vs fp32 weights "
         "| peak anonymous RSS (MiB) | above baseline | vs fp32 weights "
@@ -239,40 +283,76 @@ def markdown(info, setting, rows, agreement, quick: bool) -> str:
             f"| {(anon - base_anon) / mib:.0f} | {(anon - base_anon) / weights:.0%} "
             f"| {r['peak_file_bytes'] / mib:.0f} | {r['wall_s']:.1f} |"
         )
-    verdict = "equal" if agreement["equal"] else "not bit-equal"
-    lines += [
-        "",
-        f"Capped vs uncapped artifact: {agreement.get('tensors')} tensors, "
-        f"{verdict}, max relative difference {agreement['max_rel_diff']:.1e}.",
-    ]
+    lines.append("")
+    for r in rows:
+        # Older single-cap results carry only the top-level agreement.
+        same = r.get("agreement") or (agreement if r is rows[1] else None)
+        if same is None:
+            continue
+        verdict = "equal" if same["equal"] else "not bit-equal"
+        lines.append(
+            f"`{r['run']}` vs uncapped artifact: {same.get('tensors')} tensors, "
+            f"{verdict}, max relative difference {same['max_rel_diff']:.1e}."
+        )
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, ~1 min")
     parser.add_argument("--out", type=Path, default=common.RESULTS)
-    parser.add_argument("--cap", default=None, help="--max-memory value")
+    parser.add_argument(
+        "--cap",
+        default=None,
+        help="--max-memory value; several, comma-separated, give a capped run each",
+    )
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--model",
+        choices=sorted(real_models.MODELS),
+        default=None,
+        help="a real pretrained checkpoint instead of the synthetic Llama",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.model is not None and args.quick:
+        parser.error("--quick sizes the synthetic model; it does not go with --model")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    shape = QUICK if args.quick else FULL
-    cap = args.cap or (QUICK_CAP if args.quick else FULL_CAP)
+    if args.model is not None:
+        real = real_models.ensure(args.model)
+        cap = args.cap or REAL_CAPS[args.model]
+    else:
+        shape = QUICK if args.quick else FULL
+        cap = args.cap or (QUICK_CAP if args.quick else FULL_CAP)
     info = common.machine_info()
     with tempfile.TemporaryDirectory(prefix="aim-memory-bench-", dir=args.workdir) as t:
         tmp = Path(t)
-        model, params = write_model(shape, tmp / "model")
+        if args.model is not None:
+            model, params = real, common.checkpoint_parameters(real)
+            tiny = write_tiny_like(real, tmp / "tiny")
+            shape = common.checkpoint_shape(real)
+        else:
+            model, params = write_model(shape, tmp / "model")
+            tiny, _ = write_model(TINY, tmp / "tiny")
+            shape = asdict(shape)
         text = write_text(tmp / "calibration.jsonl")
         LOG.info("model: %d parameters in %s", params, model)
-        tiny, _ = write_model(TINY, tmp / "tiny")
         baseline = run_child(
             calibrate_args(tiny, text, tmp / "tiny.safetensors", None, None)
         )
+        caps = [c.strip() for c in cap.split(",")]
         runs = [
             ("uncapped", None, None),
-            (f"--max-memory {cap} --offload-dir", cap, tmp / "offload"),
+            *[
+                (f"--max-memory {c} --offload-dir", c, tmp / f"offload-{i}")
+                for i, c in enumerate(caps)
+            ],
             ("uncapped (again)", None, None),
         ]
         rows = []
@@ -286,15 +366,20 @@ def main(argv: list[str] | None = None) -> int:
                 result["peak_rss_bytes"] / 2**20,
                 result["wall_s"],
             )
-        agreement = compare(tmp / "importance-0.safetensors", tmp / rows[1]["artifact"])
-        checkpoint_bytes = (model / "model.safetensors").stat().st_size
+        for row in rows[1:-1]:
+            row["agreement"] = compare(
+                tmp / "importance-0.safetensors", tmp / row["artifact"]
+            )
+        agreement = rows[1]["agreement"]
+        checkpoint_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    common.record_end_load(info)
     setting = {
-        "shape": asdict(shape),
+        "shape": shape,
         "params": params,
         "checkpoint_bytes": checkpoint_bytes,
         "fp32_bytes": 4 * params,
         "cap": cap,
-        "cap_bytes": parse_size(cap),
+        "cap_bytes": parse_size(cap) if len(caps) == 1 else list(map(parse_size, caps)),
         "baseline_rss_bytes": baseline["peak_rss_bytes"],
         "baseline_anon_bytes": baseline["peak_anon_bytes"],
         "samples": SAMPLES,
@@ -302,8 +387,12 @@ def main(argv: list[str] | None = None) -> int:
         "seq_len": SEQ_LEN,
         "batch": BATCH,
     }
+    if args.model is not None:
+        setting["model"] = args.model
+        name = f"memory-{args.model}"
+    else:
+        name = "memory-quick" if args.quick else "memory"
     table = markdown(info, setting, rows, agreement, args.quick)
-    name = "memory-quick" if args.quick else "memory"
     payload = {"machine": info, "quick": args.quick, "setting": setting}
     payload.update(results=rows, agreement=agreement)
     common.write_results(args.out, name, payload, table)

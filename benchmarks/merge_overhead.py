@@ -1,7 +1,7 @@
 """What AIM adds to a merge: wall time of the same config with and without ``aim:``.
 
 Usage: ``python benchmarks/merge_overhead.py [--quick] [--out DIR] [--repeat N]
-[--threads N] [--methods M,...] [--workdir DIR]``.
+[--threads N] [--methods M,...] [--workdir DIR] [--model NAME] [--cuda]``.
 
 Builds a synthetic Llama-shaped base model and two fine-tunes (random bf16
 weights, fine-tunes = base + small random deltas; ~0.66B parameters each, or
@@ -18,6 +18,14 @@ With CUDA, the same pairs run again with ``MergeOptions(cuda=True)``.
 Reports the median wall time of each, and the AIM/plain ratio (median of the
 per-round ratios, each AIM run next to its plain run in time). Results go to
 ``DIR/merge_overhead.json`` and ``.md`` (``-quick`` suffix with ``--quick``).
+
+``--model smollm2-135m|gemma3-270m`` merges a real pretrained checkpoint
+(``benchmarks.real_models.ensure``) and two variants made from it
+deterministically (``mergekit_aim.tiny.finetune_variant``: every parameter plus
+seeded noise of ``VARIANT_SCALE`` times its RMS, saved as bf16 checkpoints and
+cached under ``benchmarks/results/cache/``, which git ignores). Results go to
+``DIR/merge_overhead-<model>[-cuda][-quick].{json,md}``. ``--cuda`` runs only
+the ``MergeOptions(cuda=True)`` rows (and needs CUDA).
 """
 
 from __future__ import annotations
@@ -37,9 +45,10 @@ from pathlib import Path
 import torch
 
 try:
-    from benchmarks import common
+    from benchmarks import common, real_models
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     import common
+    import real_models
 
 LOG = logging.getLogger("benchmarks.merge_overhead")
 OMEGA = 0.4
@@ -48,6 +57,9 @@ OMEGA = 0.4
 FULL = common.LlamaShape(2048, 5632, 12, 32, 4, 32000)
 QUICK = common.LlamaShape(1024, 2816, 4, 16, 4, 32000)
 METHODS = ("task_arithmetic",)
+VARIANT_SEEDS = (1, 2)
+VARIANT_SCALE = 0.01
+CACHE = common.RESULTS / "cache"
 
 
 def write_models(shape: common.LlamaShape, root: Path) -> tuple[Path, list[Path], int]:
@@ -73,6 +85,59 @@ def write_models(shape: common.LlamaShape, root: Path) -> tuple[Path, list[Path]
 def _finetune(base: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     delta = torch.randn(base.shape, generator=gen) * 0.002
     return (base.float() + delta).to(torch.bfloat16)
+
+
+def real_variants(base: Path, cache: Path) -> list[Path]:
+    """Two deterministic variants of the real checkpoint ``base``, cached.
+
+    A cached variant is reused only when its marker names the same base
+    checkpoint (its provisioning key), seed and scale.
+    """
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_aim.tiny import finetune_variant
+
+    try:
+        base_key = json.loads((base / ".provisioned.json").read_text())["key"]
+    except (OSError, ValueError, KeyError):
+        base_key = None  # not from real_models: never reuse a cached variant
+    paths, model = [], None
+    for seed in VARIANT_SEEDS:
+        target = cache / base.name / f"variant-seed{seed}-scale{VARIANT_SCALE:g}"
+        marker = {"base_key": base_key, "seed": seed, "scale": VARIANT_SCALE}
+        try:
+            done = json.loads((target / "variant.json").read_text()) == marker
+        except (OSError, ValueError):
+            done = False
+        if not done or base_key is None:
+            if model is None:
+                model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+            variant = finetune_variant(model, seed=seed, scale=VARIANT_SCALE)
+            shutil.rmtree(target, ignore_errors=True)
+            variant.save_pretrained(target)
+            (target / "variant.json").write_text(json.dumps(marker) + "\n")
+            LOG.info("wrote variant %s", target)
+            del variant
+        paths.append(target)
+    del model
+    gc.collect()
+    return paths
+
+
+def copy_models(base: Path, tuned: list[Path], root: Path) -> tuple[Path, list[Path]]:
+    """Copy checkpoints (config and safetensors) into ``root``: the merges
+    then read from the work directory, a RAM disk when there is room."""
+    copies = []
+    for index, source in enumerate([base, *tuned]):
+        target = root / ("base" if index == 0 else f"ft{index}")
+        target.mkdir(parents=True)
+        for item in source.iterdir():
+            if item.suffix in (".json", ".safetensors") and item.name != "variant.json":
+                shutil.copy2(item, target / item.name)
+        copies.append(target)
+    return copies[0], copies[1:]
 
 
 def make_artifact(base_dir: Path, out: Path, tokens: tuple[int, int]) -> int:
@@ -291,13 +356,25 @@ def measure_method(
 
 def markdown(info, setting, rows, quick: bool) -> str:
     s = setting["shape"]
+    if "model" in setting:
+        models = (
+            f"Models: {setting['model']} (pretrained, {s['architecture']}, "
+            f"{s['layers']} layers, hidden {s['hidden']}, vocab {s['vocab']}), "
+            f"{setting['params'] / 1e6:.0f}M parameters per checkpoint, bf16 "
+            f"safetensors; base + 2 variants (every parameter + seeded noise of "
+            f"{setting['variant_scale']:g} × its RMS, `tiny.finetune_variant`)"
+        )
+    else:
+        models = (
+            f"Models: synthetic Llama (hidden {s['hidden']}, {s['layers']} layers, "
+            f"intermediate {s['intermediate']}, vocab {s['vocab']}), "
+            f"{setting['params'] / 1e9:.2f}B parameters per model, bf16 "
+            f"safetensors; base + 2 fine-tunes"
+        )
     lines = [
         f"{common.machine_line(info)}; {'--quick' if quick else 'full'} settings.",
         "",
-        f"Models: synthetic Llama (hidden {s['hidden']}, {s['layers']} layers, "
-        f"intermediate {s['intermediate']}, vocab {s['vocab']}), "
-        f"{setting['params'] / 1e9:.2f}B parameters per model, bf16 safetensors; "
-        f"base + 2 fine-tunes, output bf16. AIM: ω = {OMEGA}, artifact of "
+        f"{models}, output bf16. AIM: ω = {OMEGA}, artifact of "
         f"{setting['artifact_tensors']} statistics (measured on "
         f"{setting['calibration_tokens']} random tokens). Median of "
         f"{setting['repeat']} alternating rounds after one warm-up each; the "
@@ -333,7 +410,7 @@ def _ram_disk(need: int) -> Path | None:
     return shm if stats.f_bavail * stats.f_frsize > need else None
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="~0.1B models, ~1 min")
     parser.add_argument("--out", type=Path, default=common.RESULTS)
@@ -349,7 +426,33 @@ def main(argv: list[str] | None = None) -> int:
         help="where models and outputs are written (default: /dev/shm when it "
         "has room, so disk write-back does not add noise; else the temp dir)",
     )
+    parser.add_argument(
+        "--model",
+        choices=sorted(real_models.MODELS),
+        default=None,
+        help="a real pretrained checkpoint and two variants of it instead of the "
+        "synthetic models",
+    )
+    parser.add_argument(
+        "--cuda",
+        action="store_true",
+        help="only the MergeOptions(cuda=True) rows (default: CPU, plus CUDA "
+        "where available)",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=CACHE,
+        help="with --model: where the variants are kept between runs",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.cuda and not torch.cuda.is_available():
+        parser.error("--cuda: torch sees no CUDA device")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("mergekit", "mergekit_aim", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -359,39 +462,71 @@ def main(argv: list[str] | None = None) -> int:
     from mergekit_aim.plugin import activate
 
     activate()
-    shape = QUICK if args.quick else FULL
     repeat = args.repeat or (3 if args.quick else 7)
     calibration_tokens = (2, 64)
+    if args.model is not None:
+        real_base = real_models.ensure(args.model)
+        real_tuned = real_variants(real_base, args.cache)
+        # Three checkpoints copied in, two merge outputs.
+        need = 5 * sum(_weights_bytes(p) for p in [real_base, *real_tuned]) // 3
+    else:
+        shape = QUICK if args.quick else FULL
+        params = sum(math.prod(d) for d in common.tensor_shapes(shape).values())
+        need = 2 * params * 5
     info = common.machine_info()
     rows = []
-    params = sum(math.prod(d) for d in common.tensor_shapes(shape).values())
-    workdir = args.workdir or _ram_disk(need=2 * params * 5 + 2**30)
+    workdir = args.workdir or _ram_disk(need=need + 2**30)
     with tempfile.TemporaryDirectory(prefix="aim-merge-bench-", dir=workdir) as tmp:
         root = Path(tmp)
-        base, tuned, params = write_models(shape, root / "models")
+        if args.model is not None:
+            base, tuned = copy_models(real_base, real_tuned, root / "models")
+            params = common.checkpoint_parameters(base)
+        else:
+            base, tuned, params = write_models(shape, root / "models")
         artifact = root / "importance.safetensors"
         tensors = make_artifact(base, artifact, calibration_tokens)
-        devices = [False] + ([True] if torch.cuda.is_available() else [])
+        if args.cuda:
+            devices = [True]
+        else:
+            devices = [False] + ([True] if torch.cuda.is_available() else [])
         for cuda in devices:
             for method in args.methods.split(","):
                 rows.append(
                     measure_method(method, base, tuned, artifact, root, repeat, cuda)
                 )
+        if args.model is not None:
+            shape = common.checkpoint_shape(base)
+    common.record_end_load(info)
     setting = {
         "workdir": str(workdir or tempfile.gettempdir()),
-        "shape": asdict(shape),
+        "shape": shape if args.model is not None else asdict(shape),
         "params": params,
         "repeat": repeat,
         "omega": OMEGA,
         "artifact_tensors": tensors,
         "calibration_tokens": calibration_tokens[0] * calibration_tokens[1],
     }
+    name = "merge_overhead"
+    if args.model is not None:
+        setting.update(
+            model=args.model,
+            variant_seeds=list(VARIANT_SEEDS),
+            variant_scale=VARIANT_SCALE,
+        )
+        name += f"-{args.model}"
+    if args.cuda:
+        name += "-cuda"
+    if args.quick:
+        name += "-quick"
     table = markdown(info, setting, rows, args.quick)
-    name = "merge_overhead-quick" if args.quick else "merge_overhead"
     payload = {"machine": info, "quick": args.quick, "setting": setting}
     common.write_results(args.out, name, {**payload, "results": rows}, table)
     sys.stdout.write(table)
     return 0
+
+
+def _weights_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
 if __name__ == "__main__":

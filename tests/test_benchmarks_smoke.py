@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
-from benchmarks import calibration, common, memory, merge_overhead
+from benchmarks import calibration, common, gpu_check, memory, merge_overhead
+from mergekit_aim import tiny
 
 TINY = common.LlamaShape(64, 128, 2, 4, 2, 256)
 
@@ -55,3 +63,138 @@ def test_merge_overhead_end_to_end(tmp_path, monkeypatch):
 )
 def test_memory_sizes(text, size):
     assert memory.parse_size(text) == size
+
+
+# --- real-model paths, on a tiny checkpoint in place of a real one ------------------
+
+
+def test_calibration_real_path_on_a_checkpoint(tiny_family, tiny_text_file):
+    base, text = tiny_family("llama").base, str(tiny_text_file)
+    plan = calibration.RealPlan(blocks=2, seq_len=64, batch=2, repeat=1)
+    rows, extra = calibration.real_head_to_head(
+        base, plan, dtype=torch.float32, bos_every_chunk=True, dataset=text
+    )
+    setting = {"model": "tiny-llama", **extra["setting"]}
+    assert setting["tokens"] == 128 and setting["max_rel_diff_ours_vs_paper"] < 1e-5
+    blocks = calibration.real_blocks(base, 2, 64, True, text)
+    assert blocks.shape == (2, 64) and (blocks[:, 0] == tiny.BOS_ID).all()
+    ratios = calibration.derived(extra["times"], plan.batch)
+    text = calibration.markdown(common.machine_info(), setting, rows, ratios, [], False)
+    assert "tiny-llama (LlamaForCausalLM" in text and "Scaling" not in text
+
+
+def test_merge_overhead_real_variants_are_cached(tiny_family, tmp_path):
+    from mergekit_aim.plugin import activate
+
+    activate()
+    real = tmp_path / "real"
+    shutil.copytree(tiny_family("llama").base, real)
+    (real / ".provisioned.json").write_text(json.dumps({"key": "k1"}))
+    cache = tmp_path / "cache"
+    first = merge_overhead.real_variants(real, cache)
+    assert [p.parent for p in first] == [cache / "real"] * 2
+    stamp = [p.joinpath("model.safetensors").stat().st_mtime_ns for p in first]
+    again = merge_overhead.real_variants(real, cache)
+    assert [p.joinpath("model.safetensors").stat().st_mtime_ns for p in again] == stamp
+    (real / ".provisioned.json").write_text(json.dumps({"key": "k2"}))
+    merge_overhead.real_variants(real, cache)  # another base: remade
+    assert json.loads((first[0] / "variant.json").read_text())["base_key"] == "k2"
+
+    base, tuned = merge_overhead.copy_models(real, first, tmp_path / "work")
+    assert {"config.json", "model.safetensors"} <= {p.name for p in base.iterdir()}
+    assert not (tuned[0] / "variant.json").exists()
+    artifact = tmp_path / "importance.safetensors"
+    merge_overhead.make_artifact(base, artifact, (2, 8))
+    row = merge_overhead.measure_method(
+        "task_arithmetic", base, tuned, artifact, tmp_path, 1, False
+    )
+    assert row["artifact_loads_per_aim_merge"] == 1
+    assert common.checkpoint_shape(base)["architecture"] == "LlamaForCausalLM"
+    assert common.checkpoint_parameters(base) > 0
+
+
+def test_memory_real_baseline_keeps_vocabulary_and_tokenizer(tiny_family, tmp_path):
+    from transformers import AutoTokenizer
+
+    base = tiny_family("llama").base
+    tiny_dir = memory.write_tiny_like(base, tmp_path / "tiny")
+    shape = common.checkpoint_shape(tiny_dir)
+    assert (shape["layers"], shape["hidden"]) == (1, 64)
+    assert shape["vocab"] == common.checkpoint_shape(base)["vocab"]
+    assert len(AutoTokenizer.from_pretrained(tiny_dir)) == len(
+        AutoTokenizer.from_pretrained(base)
+    )
+
+
+@pytest.mark.parametrize(
+    ("script", "argv"),
+    [
+        (calibration, ["--blocks", "4"]),
+        (merge_overhead, ["--quick", "--model", "nonexistent"]),
+        (memory, ["--quick", "--model", "gemma3-270m"]),
+    ],
+)
+def test_real_model_arguments_are_refused_where_they_do_not_apply(script, argv):
+    with pytest.raises(SystemExit) as raised:
+        script.main(argv)
+    assert raised.value.code == 2
+
+
+# --- make gpu-check -------------------------------------------------------------------
+
+
+def test_gpu_check_without_cuda_says_so_and_succeeds():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check"],
+        cwd=Path(gpu_check.__file__).parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "no CUDA device" in done.stdout and "nothing to check" in done.stdout
+
+
+def test_gpu_check_dry_run_lists_the_steps_and_checks_their_arguments(
+    capsys, monkeypatch
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for step in gpu_check.plan(Path("OUT")):
+        assert f"{step.name} (limit {step.timeout_s} s)" in out
+    assert "provision smollm2-135m" in out and "arguments checked" in out
+    steps = gpu_check.plan(Path("OUT"))
+    assert sum(s.timeout_s for s in steps) <= gpu_check.DEFAULT_BUDGET_S < 8 * 60
+    by_name = {step.name: step.argv for step in steps}
+    assert "--cuda" in by_name["merge"]
+    assert ("--device", "cuda") == by_name["calibration"][4:6]
+    argv = ("-m", "benchmarks.kernels", "--nope")
+    bad = gpu_check.Step("bad", argv, 1, "benchmarks.kernels")
+    with pytest.raises(SystemExit):
+        gpu_check.check_arguments([bad])
+
+
+def test_gpu_check_runs_steps_within_their_limits(tmp_path):
+    Step = gpu_check.Step
+    steps = [
+        Step("passes", ("-c", "print('fine')"), 30),
+        Step("fails", ("-c", "import sys; sys.exit(3)"), 30),
+        Step("hangs", ("-c", "import time; time.sleep(60)"), 1),
+    ]
+    deadline = time.monotonic() + 60
+    results = gpu_check.run_steps(steps, tmp_path, "Fake GPU 9000", deadline)
+    assert [r["status"] for r in results] == [
+        "ok",
+        "failed (exit 3)",
+        "timed out after 1 s",
+    ]
+    log = (tmp_path / "passes.log").read_text()
+    assert log.startswith("device: Fake GPU 9000\n") and "fine" in log
+    skipped = gpu_check.run_steps(steps[:1], tmp_path, "Fake GPU 9000", deadline - 60)
+    assert skipped[0]["status"] == "skipped: budget spent"
+    table = gpu_check.summary_markdown("Fake GPU 9000", "Machine: x", results)
+    assert table.startswith("# gpu-check on Fake GPU 9000") and "hangs" in table
+    assert common.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
