@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -99,8 +101,12 @@ def chat_rows() -> list[list[dict[str, str]]]:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("smollm2")
+def work(tmp_path_factory) -> Iterator[Path]:
+    """The module's scratch directory; its ~1.6 GB of checkpoints are removed
+    afterwards rather than kept by pytest's last-three-runs retention."""
+    path = tmp_path_factory.mktemp("smollm2")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
