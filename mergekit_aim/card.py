@@ -30,7 +30,11 @@ def add_aim_to_card(card: str, aim: AimConfig, report: dict[str, Any]) -> str:
         "",
         f"* ω: `{json.dumps(aim.model_dump(mode='json')['omega'])}`",
         f"* relaxed: {coverage['relaxed']} of {coverage['tensors']} tensors"
-        + (f"; left alone: {left}" if left else ""),
+        + (f"; left alone: {left}" if left else "")
+        + "".join(
+            f"; {name} tied to the input embedding, not relaxed"
+            for name in coverage.get("tied_heads", ())
+        ),
         f"* importance: {report['source']}",
     ]
     if provenance.get("base_fingerprint"):

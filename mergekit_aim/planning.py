@@ -195,6 +195,14 @@ class AimMergeSession:
         line = "AIM coverage: relaxed {} of {} tensors{}; left alone: {}".format(
             summary["relaxed"], summary["tensors"], _omega_text(summary), left or "none"
         )
+        # A tied LM head is no tensor of its own in the checkpoint, so the
+        # counts cannot show it; say outright that it was not relaxed.
+        tied = tied_heads(self.importance)
+        if tied:
+            summary["tied_heads"] = tied
+            line += "; {} tied to the input embedding, not relaxed".format(
+                ", ".join(tied)
+            )
         LOG.info(line)
         if not quiet:
             from tqdm import tqdm
@@ -214,6 +222,12 @@ class AimMergeSession:
             "provenance": self.importance.provenance,
             "paper": PAPER_URL,
         }
+
+
+def tied_heads(importance: ImportanceMap) -> list[str]:
+    """Output weights calibration found tied to the input embedding."""
+    skipped = importance.provenance.get("skipped", {})
+    return sorted(n for n, why in skipped.items() if str(why).startswith("tied"))
 
 
 def _omega_text(summary: dict[str, Any]) -> str:

@@ -125,6 +125,11 @@ def test_mergekit_yaml_honours_aim_block(
     if family_name == "qwen2":
         assert "lm_head.weight" not in names  # tied embeddings
         assert any("q_proj" in n for n in names)
+    tied_line = "lm_head.weight tied to the input embedding, not relaxed"
+    if family_name in ("gpt2", "qwen2"):
+        assert tied_line in result.stderr and tied_line in card
+    else:
+        assert tied_line not in result.stderr and tied_line not in card
     if family_name == "llama":
         assert "lm_head.weight" in names and imap.input_axis("lm_head.weight") == -1
         assert any(n.endswith("input_layernorm.weight") for n in names)

@@ -368,7 +368,9 @@ def test_coverage_report_and_card(merges, builtin_artifact):
         in log
     )
     # The embedding is the one tensor left alone; the tied LM head is not a
-    # tensor of its own (SmolLM2 ties it), so nothing relaxes it either.
+    # tensor of its own (SmolLM2 ties it), so nothing relaxes it either, and
+    # the report says so.
+    assert "lm_head.weight tied to the input embedding, not relaxed" in log
     assert f"AIM no input statistic: {EMBEDDING}" in log
     assert not any(Path(merges["aim"]).glob("lm_head*"))
     assert "lm_head.weight" not in load_dir(merges["aim"])
@@ -376,7 +378,10 @@ def test_coverage_report_and_card(merges, builtin_artifact):
     assert config["tie_word_embeddings"] is True
     card = (merges["aim"] / "README.md").read_text()
     assert "- aim" in card and "2502.02421" in card
-    assert "relaxed: 271 of 272 tensors; left alone: 1 no input statistic" in card
+    assert (
+        "relaxed: 271 of 272 tensors; left alone: 1 no input statistic; "
+        "lm_head.weight tied to the input embedding, not relaxed" in card
+    )
     assert "dataset=builtin" in card
 
 
