@@ -5,8 +5,8 @@ Where torch sees a CUDA device, provisions SmolLM2-135M
 subprocess with its own time limit inside one overall budget (``--budget``,
 default 450 s, provisioning included):
 
-1. the CUDA tests: ``pytest -m gpu`` (the compiled Triton kernels), and the
-   CUDA test of the in-place relaxation, which carries no ``gpu`` marker;
+1. the CUDA tests: ``pytest -m gpu`` (the compiled Triton kernels and the
+   in-place relaxation on CUDA);
 2. ``benchmarks/kernels.py --device cuda``: the Triton kernels' effective
    bandwidth against the GPU's ``copy_`` bandwidth and the eager expressions;
 3. ``benchmarks/calibration.py --model smollm2-135m --device cuda``: our
@@ -68,23 +68,8 @@ def plan(out: Path) -> list[Step]:
         Step(
             "tests-gpu",
             ("-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests"),
-            100,
-            what="tests marked gpu (compiled Triton kernels)",
-        ),
-        Step(
-            "tests-cuda-inplace",
-            (
-                "-m",
-                "pytest",
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                "tests/kernels/test_kernel_aim_relax_inplace.py",
-                "-k",
-                "cuda",
-            ),  # fmt: skip
-            50,
-            what="CUDA test without the gpu marker (in-place relaxation)",
+            150,
+            what="tests marked gpu (compiled Triton kernels, in-place relaxation)",
         ),
         Step(
             "kernels",

@@ -232,7 +232,7 @@ def run(
                 merged = merging.load_state(path)
 
                 def score(state: Mapping[str, torch.Tensor]) -> dict[str, list]:
-                    model.load_state_dict(state, strict=True)
+                    load_merged(model, state)
                     return evaluate.blocks(model)
 
                 plain = score(merged)
@@ -341,6 +341,27 @@ def build_experts(
             link.unlink()
         link.symlink_to(Path(target).resolve())
     return {name: links / name for name in targets}
+
+
+def load_merged(model: Any, state: Mapping[str, torch.Tensor]) -> None:
+    """Load a merged state dict into ``model``; only a tied LM head may be
+    missing (mergekit does not write it: it is the embedding)."""
+    result = model.load_state_dict(state, strict=False)
+    tied = set()
+    if getattr(model.config, "tie_word_embeddings", False):
+        output = model.get_output_embeddings()
+        if output is not None and output.weight is model.get_input_embeddings().weight:
+            tied = {
+                n
+                for n, p in model.named_parameters(remove_duplicate=False)
+                if p is output.weight
+            } - set(state)
+    missing = set(result.missing_keys) - tied
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"merged state does not fit the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(result.unexpected_keys)[:5]}"
+        )
 
 
 def _settings_digest(settings: training.Settings) -> str:

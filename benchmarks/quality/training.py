@@ -29,6 +29,7 @@ import hashlib
 import itertools
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -307,8 +308,15 @@ def build_models(settings: Settings, data: TaskData, cache_dir: Path) -> Models:
         else {"settings": asdict(settings)}
     )
 
+    clock = [time.perf_counter()]
+
     def finished(stage: str, path: Path, value: Any) -> None:
+        # Stage times are kept with the models: a resumed run reports the time
+        # its cached stages took when they were built.
+        now = time.perf_counter()
         log[stage] = value
+        log.setdefault("seconds", {})[stage] = round(now - clock[0], 1)
+        clock[0] = now
         (path / ".done").write_text(json.dumps(value))
         log_path.write_text(json.dumps(log, indent=2))
 
@@ -373,6 +381,7 @@ def build_models(settings: Settings, data: TaskData, cache_dir: Path) -> Models:
 
     importance = root / "importance.safetensors"
     if not importance.exists():
+        clock[0] = time.perf_counter()
         imap = mergekit_aim.calibrate(
             str(base_path),
             tokenizer=tokenizer,
@@ -385,6 +394,10 @@ def build_models(settings: Settings, data: TaskData, cache_dir: Path) -> Models:
             quiet=True,
         )
         imap.save(importance)
+        log.setdefault("seconds", {})["calibration"] = round(
+            time.perf_counter() - clock[0], 1
+        )
+        log_path.write_text(json.dumps(log, indent=2))
     return Models(root, base_path, experts, importance, tokenizer, log)
 
 

@@ -69,6 +69,7 @@ def test_op_is_registered_and_traceable():
     )
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(("shape", "axis"), [((64, 300), -1), ((300, 64), 0)])
 def test_cuda_in_place_equals_out_of_place(shape, axis):
