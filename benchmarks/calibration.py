@@ -661,17 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(info, setting, rows, ratios, scale_rows, args.quick)
     if plotted:
         table += f"\nPlot: `{name}.png`.\n"
-    payload = {
-        "machine": info,
-        "quick": args.quick,
-        "setting": setting,
-        "results": rows,
-        "ratios": ratios,
-        "scaling": scale_rows,
-    }
-    common.write_results(args.out, name, payload, table)
-    sys.stdout.write(table)
-    return 0
+    return _write(args, name, info, setting, rows, ratios, table, scaling=scale_rows)
 
 
 def main_real(args: argparse.Namespace) -> int:
@@ -696,12 +686,26 @@ def main_real(args: argparse.Namespace) -> int:
         name += f"-{DEVICE.type}"
     if args.quick:
         name += "-quick"
+    return _write(args, name, info, setting, rows, ratios, table)
+
+
+def _write(
+    args: argparse.Namespace,
+    name: str,
+    info: dict,
+    setting: dict,
+    rows: list,
+    ratios: dict,
+    table: str,
+    **extra: object,
+) -> int:
     payload = {
         "machine": info,
         "quick": args.quick,
         "setting": setting,
         "results": rows,
         "ratios": ratios,
+        **extra,
     }
     common.write_results(args.out, name, payload, table)
     sys.stdout.write(table)
