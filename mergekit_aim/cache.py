@@ -66,6 +66,7 @@ def calibrated_artifact(
         split=settings.split,
         text_column=settings.text_column,
         trust_remote_code=trust_remote_code,
+        bos_per_block=settings.bos_per_block,
     )
     key = cache_key(
         checkpoint.fingerprint, settings.cache_settings(), blocks.fingerprint
@@ -105,6 +106,7 @@ def calibrated_artifact(
         quiet=quiet,
         max_memory=settings.max_memory,
         offload_dir=settings.offload_dir,
+        bos_per_block=settings.bos_per_block,
     )
     if base_model_id:
         importance.provenance["base_model"] = base_model_id

@@ -9,6 +9,11 @@ from pathlib import Path
 
 import click
 
+from mergekit_aim.calibration.data import (
+    BOS_PER_BLOCK_CHOICES,
+    DEFAULT_BOS_PER_BLOCK,
+    setting_text,
+)
 from mergekit_aim.errors import AimError
 
 LOG = logging.getLogger("mergekit_aim")
@@ -59,6 +64,14 @@ def calibration_options(func):
             type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
         ),
         click.option("--trust-remote-code", is_flag=True, default=False),
+        click.option(
+            "--bos-per-block",
+            default=setting_text(DEFAULT_BOS_PER_BLOCK),
+            show_default=True,
+            type=click.Choice(BOS_PER_BLOCK_CHOICES, case_sensitive=False),
+            help="start every block with BOS: auto = when the tokenizer adds one "
+            "to every text (Gemma, Llama); false = the paper's exact packing",
+        ),
         click.option(
             "--max-memory",
             default=None,

@@ -5,7 +5,8 @@ aim:
   omega: 0.4                 # scalar, gradient list or filtered list
   importance: path/or/org/repo[:file.safetensors]
   # or, instead of importance:
-  calibration: {dataset: pile-val, num_samples: 256, seq_len: 512}
+  calibration: {dataset: pile-val, num_samples: 256, seq_len: 512,
+                bos_per_block: auto}
   exclude: ["lm_head"]       # regular expressions on tensor names
 ```
 
@@ -20,6 +21,12 @@ from typing import Any, Literal
 
 from mergekit.config import ConditionalParameter, ParameterSetting
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mergekit_aim.calibration.data import (
+    DEFAULT_BOS_PER_BLOCK,
+    BosPerBlock,
+    bos_per_block_value,
+)
 
 DEFAULT_OMEGA = 0.4
 PAPER_URL = "https://arxiv.org/abs/2502.02421"
@@ -76,6 +83,18 @@ class CalibrationConfig(BaseModel):
         None, description="cap on weight memory per device and CPU, e.g. 8GiB"
     )
     offload_dir: str | None = None
+    bos_per_block: BosPerBlock = Field(
+        DEFAULT_BOS_PER_BLOCK,
+        description="start every block with BOS: auto (when the tokenizer adds "
+        "one to every text) | true | false (the paper's packing)",
+    )
+
+    @field_validator("bos_per_block", mode="before")
+    @classmethod
+    def _bos_per_block_choice(cls, value: Any) -> BosPerBlock:
+        # The one rule (data.py), so that YAML, CLI and API accept the same
+        # spellings; pydantic alone would also take 1, "yes" or "on".
+        return bos_per_block_value(value)
 
     def cache_settings(self) -> dict[str, Any]:
         """Settings that change the statistic (device and batch size do not)."""
@@ -87,6 +106,7 @@ class CalibrationConfig(BaseModel):
             "seq_len": self.seq_len,
             "seed": self.seed,
             "dtype": self.dtype,
+            "bos_per_block": self.bos_per_block,
         }
 
 

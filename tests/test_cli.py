@@ -61,6 +61,60 @@ def test_calibrate_writes_an_artifact_with_provenance(artifact, tiny_family):
     assert "lm_head.weight" in imap
 
 
+def test_calibrate_bos_per_block(artifact, tiny_family, tiny_text_file, tmp_path):
+    """The tiny tokenizer prepends <s> to every text, as Gemma's does: by
+    default every block starts with it; --bos-per-block false is the paper's
+    packing, recorded as such and measured on other blocks."""
+    family = tiny_family("llama")
+    default = ImportanceMap.load(artifact)
+    assert default.provenance["calibration"]["bos_per_block"] == "auto"
+    assert default.provenance["calibration"]["bos_per_block_resolved"] is True
+    out = tmp_path / "paper.safetensors"
+    run(
+        "calibrate",
+        family.base,
+        "-o",
+        out,
+        "--dataset",
+        tiny_text_file,
+        "--num-samples",
+        48,
+        "--seq-len",
+        32,
+        "--batch-size",
+        4,
+        "--bos-per-block",
+        "false",
+        "--quiet",
+    )
+    summary = json.loads(run("inspect", out).stdout)
+    calibration = summary["provenance"]["calibration"]
+    assert calibration["bos_per_block"] is False
+    assert calibration["bos_per_block_resolved"] is False
+    paper = ImportanceMap.load(out)
+    assert (
+        paper.provenance["data_fingerprint"] != default.provenance["data_fingerprint"]
+    )
+    name = "model.layers.0.self_attn.o_proj.weight"
+    assert not torch.allclose(paper[name], default[name])
+
+
+def test_calibrate_refuses_a_bad_bos_per_block(tiny_family, tmp_path):
+    out = tmp_path / "x.safetensors"
+    result = run(
+        "calibrate",
+        tiny_family("llama").base,
+        "-o",
+        out,
+        "--bos-per-block",
+        "maybe",
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--bos-per-block" in result.stderr and "'maybe'" in result.stderr
+    assert "auto" in result.stderr and not out.exists()
+
+
 def test_inspect_prints_json(artifact):
     summary = json.loads(run("inspect", artifact, "--tensors").stdout)
     assert summary["tensors"] == len(summary["tensor_list"])
@@ -219,3 +273,7 @@ def test_torchrun_data_parallel_equals_single_process(
     assert (
         sharded.provenance["data_fingerprint"] == single.provenance["data_fingerprint"]
     )
+    # Both ran with a BOS at every block's start (the tiny tokenizer prepends
+    # one), so the ranks shard the same BOS-led blocks.
+    assert sharded.provenance["calibration"]["bos_per_block_resolved"] is True
+    assert sharded.provenance["data"] == single.provenance["data"]

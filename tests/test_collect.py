@@ -118,3 +118,45 @@ def test_bad_blocks_are_refused(llama):
         collect_importance(model, _blocks(model.config.vocab_size), batch_size=0)
     with pytest.raises(CalibrationError, match="no token blocks"):
         collect_importance(model, torch.zeros(0, 8, dtype=torch.long))
+
+
+def test_calibrate_measures_blocks_that_start_with_bos(
+    tiny_family, tiny_text_file, monkeypatch
+):
+    """The tiny tokenizer prepends <s> to every text: auto starts every block
+    with it, false is the paper's packing; provenance records which ran."""
+    from mergekit_aim.calibration import collect
+    from mergekit_aim.tiny import BOS_ID
+
+    measured = []
+    original = collect.collect_importance
+
+    def spy(model, blocks, *args, **kwargs):
+        measured.append(blocks.clone())
+        return original(model, blocks, *args, **kwargs)
+
+    monkeypatch.setattr(collect, "collect_importance", spy)
+    base = str(tiny_family("llama").base)
+    settings = dict(dataset=str(tiny_text_file), num_samples=48, seq_len=32)
+    auto = collect.calibrate(base, quiet=True, **settings)
+    paper = collect.calibrate(base, quiet=True, bos_per_block="false", **settings)
+    with_bos, without = measured
+    assert (with_bos[:, 0] == BOS_ID).all() and (with_bos[:, 1] != BOS_ID).all()
+    # Mid-text block starts, as in the paper's code.
+    assert (without[:, 0] != BOS_ID).any()
+    assert auto.provenance["calibration"]["bos_per_block"] == "auto"
+    assert auto.provenance["calibration"]["bos_per_block_resolved"] is True
+    assert auto.provenance["data"]["bos_token_id"] == BOS_ID
+    assert paper.provenance["calibration"]["bos_per_block"] is False
+    assert paper.provenance["calibration"]["bos_per_block_resolved"] is False
+    assert auto.provenance["data_fingerprint"] != paper.provenance["data_fingerprint"]
+    name = "model.layers.0.self_attn.o_proj.weight"
+    assert not torch.allclose(auto[name], paper[name])
+
+
+def test_calibrate_refuses_a_bad_bos_per_block_before_loading(tiny_family):
+    from mergekit_aim.calibration.collect import calibrate
+    from mergekit_aim.errors import AimConfigError
+
+    with pytest.raises(AimConfigError, match="^bos_per_block must be auto, true or"):
+        calibrate(str(tiny_family("llama").base), bos_per_block="always")

@@ -1,5 +1,6 @@
 """The `aim:` block as mergekit parses it, with the plugin active."""
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,36 @@ def test_calibration_defaults_follow_the_paper():
     assert config.aim.omega == 0.4
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("", "auto"), ("bos_per_block: auto", "auto"), ("bos_per_block: true", True)]
+    + [("bos_per_block: false", False), ("bos_per_block: 'False'", False)],
+)
+def test_bos_per_block_from_yaml(text, expected):
+    calibration = _config(calibration=yaml.safe_load(text) or {}).aim.calibration
+    assert calibration.bos_per_block == expected
+    # Part of the cache key: artifacts of the two packings are never confused.
+    assert calibration.cache_settings()["bos_per_block"] == expected
+
+
+def test_bos_per_block_default_is_the_one_default():
+    from mergekit_aim.calibration import data
+    from mergekit_aim.calibration.collect import calibrate
+    from mergekit_aim.cli import calibrate as calibrate_command
+
+    assert data.DEFAULT_BOS_PER_BLOCK == "auto"
+    assert CalibrationConfig().bos_per_block == data.DEFAULT_BOS_PER_BLOCK
+    assert (
+        inspect.signature(calibrate).parameters["bos_per_block"].default
+        == data.DEFAULT_BOS_PER_BLOCK
+    )
+    option = next(o for o in calibrate_command.params if o.name == "bos_per_block")
+    assert option.default == "auto"
+    assert CalibrationConfig(bos_per_block=False).cache_settings() != (
+        CalibrationConfig().cache_settings()
+    )
+
+
 def test_config_without_aim_is_unchanged():
     from mergekit.config import MergeConfiguration
 
@@ -75,6 +106,13 @@ def test_config_without_aim_is_unchanged():
         ({"calibration": {"num_samples": 0}}, "num_samples", "greater than"),
         ({"calibration": {"seq_len": -1}}, "seq_len", "greater than"),
         ({"calibration": {"dtype": "int8"}}, "dtype", "float32"),
+        (
+            {"calibration": {"bos_per_block": "sometimes"}},
+            "bos_per_block",
+            "auto, true or false",
+        ),
+        ({"calibration": {"bos_per_block": 1}}, "bos_per_block", "auto, true or"),
+        ({"calibration": {"bos_per_block": None}}, "bos_per_block", "got None"),
         ({"importance": "x", "exclude": ["("]}, "exclude", "regular expression"),
         ({"importance": "  "}, "importance", "name a file"),
     ],

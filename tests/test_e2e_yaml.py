@@ -217,6 +217,10 @@ def test_bad_inputs_fail_before_writing(tiny_family, tiny_text_file, tmp_path):
         "missing": ({"importance": str(tmp_path / "nope.safetensors")}, "nope"),
         "omega": ({"importance": str(foreign), "omega": 2}, "within [0, 1]"),
         "unknown": ({"importance": str(foreign), "omgea": 0.3}, "omgea"),
+        "bos": (
+            {"calibration": {"dataset": str(tiny_text_file), "bos_per_block": "x"}},
+            "bos_per_block must be auto, true or false",
+        ),
     }
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x00" * 64)

@@ -27,6 +27,11 @@ import torch
 from torch import nn
 
 from mergekit_aim.calibration import host_memory
+from mergekit_aim.calibration.data import (
+    DEFAULT_BOS_PER_BLOCK,
+    BosPerBlock,
+    bos_per_block_value,
+)
 from mergekit_aim.errors import CalibrationError
 
 LOG = logging.getLogger(__name__)
@@ -596,21 +601,26 @@ def calibrate(
     blocks: Any = None,
     max_memory: str | None = None,
     offload_dir: str | None = None,
+    bos_per_block: BosPerBlock | str = DEFAULT_BOS_PER_BLOCK,
 ) -> ImportanceMap:  # noqa: F821
     """Calibrate a base model (path, Hub id or loaded model) on a dataset.
 
     Samples and packs the data the paper's way (see
-    :func:`mergekit_aim.calibration.data.build_blocks`), runs the model, and
-    returns an :class:`ImportanceMap` whose provenance names the base model,
-    its fingerprint, the settings and the data fingerprint. ``blocks`` may be
-    a prebuilt ``CalibrationBlocks`` (skips sampling). Under ``torchrun``
-    every rank measures its share of the blocks and all ranks return the
-    combined map (see :mod:`mergekit_aim.calibration.distributed`).
+    :func:`mergekit_aim.calibration.data.build_blocks`; ``bos_per_block``
+    ``"auto"``, True or False chooses whether every block starts with BOS),
+    runs the model, and returns an :class:`ImportanceMap` whose provenance
+    names the base model, its fingerprint, the settings and the data
+    fingerprint. ``blocks`` may be a prebuilt ``CalibrationBlocks`` (skips
+    sampling; the packing recorded is the blocks' own). Under ``torchrun``
+    every rank builds the same blocks, measures its share of them, and all
+    ranks return the combined map (see
+    :mod:`mergekit_aim.calibration.distributed`).
     """
     from mergekit_aim.calibration.data import build_blocks
     from mergekit_aim.calibration.distributed import setup, shard
     from mergekit_aim.checkpoint import read_checkpoint, resolve_local_path
 
+    bos_per_block = bos_per_block_value(bos_per_block)
     ranks, device = setup(device or "cpu")
     if isinstance(model_or_path, (str, os.PathLike)):
         base_id = str(model_or_path)
@@ -643,6 +653,7 @@ def calibrate(
             split=split,
             text_column=text_column,
             trust_remote_code=trust_remote_code,
+            bos_per_block=bos_per_block,
         )
     if model is None:
         model = load_base_model(
@@ -676,6 +687,12 @@ def calibrate(
                 "dtype": dtype,
                 "num_blocks": int(blocks.tokens.shape[0]),
                 "num_texts": blocks.num_texts,
+                # Read from the blocks, which may have been built elsewhere:
+                # the packing recorded must be the one measured.
+                "bos_per_block": blocks.description.get("bos_per_block"),
+                "bos_per_block_resolved": blocks.description.get(
+                    "bos_per_block_resolved"
+                ),
             },
             "data_fingerprint": blocks.fingerprint,
             "data": blocks.description,

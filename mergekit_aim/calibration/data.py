@@ -19,7 +19,15 @@ The stages run top to bottom in this module:
    ``seq_len``, keep the first ``num_samples``.
 3. **Packing** (:func:`pack_blocks`): concatenate the kept token ids into one
    stream and cut it into ``seq_len`` blocks, dropping the remainder, so no
-   block is padded.
+   block is padded. With ``bos_per_block`` on, every block is the BOS token
+   followed by the next ``seq_len - 1`` tokens of the stream (a text's own
+   BOS that would come right after it is dropped instead of doubled), so
+   every block starts the way the model saw every sequence start in
+   training. The paper's code never adds one: its blocks begin mid-text
+   without a BOS, which models trained always to see one at position 0
+   (Gemma-3) read as garbled input. ``auto`` (the default) turns it on
+   exactly when the tokenizer prepends a BOS to every text it encodes (see
+   :func:`resolve_bos_per_block`); ``false`` is the paper's packing.
 
 Nothing falls back silently: an unreadable source, a missing column or data
 that yields no full block raises :class:`CalibrationDataError` naming the
@@ -38,9 +46,9 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from mergekit_aim.errors import CalibrationDataError
+from mergekit_aim.errors import AimConfigError, CalibrationDataError
 
 if TYPE_CHECKING:
     import datasets
@@ -63,6 +71,14 @@ _FILE_LIKE_SUFFIXES = frozenset(
     {*LOCAL_SUFFIXES, ".json", ".csv", ".tsv", ".arrow", ".md", ".text"}
     | {".gz", ".bz2", ".xz", ".zst", ".zip", ".tar"}
 )
+# ``bos_per_block``: "auto", or a boolean. The default lives here, beside the
+# packing it governs, so that the CLI, ``calibrate()`` and the ``aim:`` block
+# (CalibrationConfig) all name this one value; config.py is too heavy an
+# import (mergekit, torch) for the CLI's option table and this module.
+BosPerBlock = Literal["auto"] | bool
+DEFAULT_BOS_PER_BLOCK: BosPerBlock = "auto"
+BOS_PER_BLOCK_CHOICES = ("auto", "true", "false")
+
 _OFFLINE_HINT = (
     "use `--dataset builtin` (a corpus mergekit-aim builds offline from this "
     "machine's Python sources) or a local .txt/.jsonl/.parquet file"
@@ -107,18 +123,30 @@ def build_blocks(
     split: str | None = None,
     text_column: str | None = None,
     trust_remote_code: bool = False,
+    bos_per_block: BosPerBlock | str = DEFAULT_BOS_PER_BLOCK,
 ) -> CalibrationBlocks:
     """Sample and pack calibration blocks from ``dataset`` the paper's way.
 
-    See the module docstring for sources and the procedure. Fewer than
-    ``num_samples`` usable texts logs a warning and continues; no full block
-    raises CalibrationDataError, as do invalid settings and unreadable data.
+    See the module docstring for sources and the procedure; ``bos_per_block``
+    (``"auto"``, True or False, or those words as strings) chooses whether
+    every block starts with the tokenizer's BOS. Fewer than ``num_samples``
+    usable texts logs a warning and continues; no full block raises
+    CalibrationDataError, as do unreadable data and invalid settings (an
+    invalid ``bos_per_block`` raises AimConfigError).
     """
     _check_positive("num_samples", num_samples)
     _check_positive("seq_len", seq_len)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise CalibrationDataError(f"seed must be an integer; got {seed!r}")
     num_samples, seq_len, seed = int(num_samples), int(seq_len), int(seed)
+    bos_setting = bos_per_block_value(bos_per_block)
+    bos_id = resolve_bos_per_block(bos_setting, tokenizer)
+    if bos_id is not None and seq_len < 2:
+        raise CalibrationDataError(
+            f"seq_len must be at least 2 when every block starts with BOS "
+            f"(bos_per_block={setting_text(bos_setting)}): a block is the BOS "
+            f"plus seq_len - 1 tokens of text; got seq_len={seq_len}"
+        )
     source = _resolve_source(dataset, split)
     rows = _read_rows(source, dataset, trust_remote_code)
     column, chat = _text_column(rows, text_column, dataset)
@@ -149,7 +177,7 @@ def build_blocks(
             f"skipped, as in the paper); raise seq_len or use data with shorter "
             f"texts (for example `--dataset builtin`)"
         )
-    tokens = pack_blocks(texts, seq_len)
+    tokens = pack_blocks(texts, seq_len, bos_token_id=bos_id)
     if tokens.shape[0] == 0:
         gathered = sum(len(ids) for ids in texts)
         raise CalibrationDataError(
@@ -182,6 +210,9 @@ def build_blocks(
         "num_blocks": int(tokens.shape[0]),
         "num_tokens": int(tokens.numel()),
         "source_fingerprint": source_fingerprint,
+        "bos_per_block": bos_setting,
+        "bos_per_block_resolved": bos_id is not None,
+        "bos_token_id": bos_id,
     }
     return CalibrationBlocks(
         tokens=tokens,
@@ -190,6 +221,68 @@ def build_blocks(
         dataset=dataset,
         description=description,
     )
+
+
+def bos_per_block_value(value: object) -> BosPerBlock:
+    """Validate a ``bos_per_block`` setting: ``"auto"``, True or False.
+
+    The strings ``auto``, ``true`` and ``false`` (any case, as the CLI and
+    YAML may give them) are accepted; anything else raises AimConfigError
+    naming the field.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word == "auto":
+            return "auto"
+        if word in ("true", "false"):
+            return word == "true"
+    raise AimConfigError(
+        f"bos_per_block must be auto, true or false; got {value!r}. auto starts "
+        f"every calibration block with BOS when the tokenizer adds one to every "
+        f"text; false is the paper's packing"
+    )
+
+
+def tokenizer_prepends_bos(tokenizer: Any) -> bool:
+    """Whether encoding a text with the default special tokens starts with BOS.
+
+    That is the tokenizer telling how the model saw every sequence start in
+    training (Gemma, Llama); a BOS token that is merely declared but never
+    added (SmolLM2's ``<|im_start|>``) says nothing of the kind.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("x")["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
+def resolve_bos_per_block(setting: BosPerBlock | str, tokenizer: Any) -> int | None:
+    """The token id every block starts with, or None for the paper's packing.
+
+    ``"auto"`` is on exactly when :func:`tokenizer_prepends_bos`; True needs
+    a tokenizer with a BOS token and raises AimConfigError otherwise.
+    """
+    setting = bos_per_block_value(setting)
+    if setting == "auto":
+        return tokenizer.bos_token_id if tokenizer_prepends_bos(tokenizer) else None
+    if not setting:
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise AimConfigError(
+            f"bos_per_block is true but the tokenizer {name!r} has no BOS token to "
+            f"start each block with; use bos_per_block auto or false"
+        )
+    return int(bos)
+
+
+def setting_text(setting: BosPerBlock) -> str:
+    """``setting`` as a user writes it: auto, true or false."""
+    return setting if isinstance(setting, str) else str(setting).lower()
 
 
 def _check_positive(field: str, value: object) -> None:
@@ -472,16 +565,38 @@ def _chat_messages(value: Any, column: str) -> list[dict[str, Any]]:
 # 3. packing
 
 
-def pack_blocks(texts: Sequence[Sequence[int]], seq_len: int) -> torch.Tensor:
+def pack_blocks(
+    texts: Sequence[Sequence[int]], seq_len: int, *, bos_token_id: int | None = None
+) -> torch.Tensor:
     """Concatenate token ids and cut them into ``[num_blocks, seq_len]``
     (LongTensor), dropping the tail shorter than ``seq_len``; zero blocks
-    gives a ``[0, seq_len]`` tensor."""
+    gives a ``[0, seq_len]`` tensor.
+
+    With ``bos_token_id`` every block is that token followed by the next
+    ``seq_len - 1`` tokens of the stream. BOS tokens the stream holds at a
+    block's start (a text's own, where a text begins there) are skipped, so
+    no block starts with two; those inside a block stay where they are.
+    """
     import torch
 
     stream = list(itertools.chain.from_iterable(texts))
-    num_blocks = len(stream) // seq_len
-    tokens = torch.tensor(stream[: num_blocks * seq_len], dtype=torch.long)
-    return tokens.reshape(num_blocks, seq_len)
+    if bos_token_id is None:
+        num_blocks = len(stream) // seq_len
+        tokens = torch.tensor(stream[: num_blocks * seq_len], dtype=torch.long)
+        return tokens.reshape(num_blocks, seq_len)
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2 with a BOS; got {seq_len}")
+    body = seq_len - 1
+    blocks: list[list[int]] = []
+    start = 0
+    while True:
+        while start < len(stream) and stream[start] == bos_token_id:
+            start += 1
+        if start + body > len(stream):
+            break
+        blocks.append([bos_token_id, *stream[start : start + body]])
+        start += body
+    return torch.tensor(blocks, dtype=torch.long).reshape(len(blocks), seq_len)
 
 
 # --------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from mergekit_aim.calibration.data import (
     load_rows,
     pack_blocks,
 )
-from mergekit_aim.errors import CalibrationDataError
+from mergekit_aim.errors import AimConfigError, CalibrationDataError
 
 BOS, EOS = 2, 3
 CHAT_TEMPLATE = (
@@ -126,13 +126,26 @@ def test_hand_computed_blocks(tmp_path: Path) -> None:
             words(11),  # row 4: <s> t11 </s>
         ],
     )
-    blocks = build_blocks(str(path), word_tokenizer(), num_samples=3, seq_len=4)
+    # The paper's packing; the tokenizer prepends <s>, so auto would not be it.
+    blocks = build_blocks(
+        str(path), word_tokenizer(), num_samples=3, seq_len=4, bos_per_block=False
+    )
     # Kept in order: rows 4, 2, 1 -> 2 21 3 | 2 15 16 3 | 2 14 3 (10 tokens).
     assert blocks.tokens.tolist() == [[2, 21, 3, 2], [15, 16, 3, 2]]
     assert blocks.num_texts == 3
     assert blocks.dataset == str(path)
     assert blocks.description["num_blocks"] == 2
     assert blocks.description["num_texts"] == 3
+    assert blocks.description["bos_per_block"] is False
+    assert blocks.description["bos_per_block_resolved"] is False
+    # Every block starts with <s>: the text-initial <s> at a block's start is
+    # the block's own, the one inside block 0 stays, the tail (14 3) is dropped.
+    with_bos = build_blocks(str(path), word_tokenizer(), num_samples=3, seq_len=4)
+    assert with_bos.tokens.tolist() == [[2, 21, 3, 2], [2, 15, 16, 3]]
+    assert with_bos.description["bos_per_block"] == "auto"
+    assert with_bos.description["bos_per_block_resolved"] is True
+    assert with_bos.description["bos_token_id"] == BOS
+    assert with_bos.fingerprint != blocks.fingerprint
 
 
 def test_shuffle_follows_datasets_with_the_seed(tmp_path: Path) -> None:
@@ -219,6 +232,128 @@ def test_invalid_settings_name_the_field(
 
 
 # --------------------------------------------------------------------------
+# a BOS at the start of every block
+
+
+@pytest.mark.parametrize(
+    ("texts", "seq_len", "expected"),
+    [
+        # No BOS in the stream: each block is BOS + seq_len - 1 stream tokens,
+        # and the tail (20) is dropped.
+        (
+            [[11, 12, 13], [14, 15], [16, 17, 18, 19, 20]],
+            4,
+            [[2, 11, 12, 13], [2, 14, 15, 16], [2, 17, 18, 19]],
+        ),
+        # Text-initial BOS at a block's start is the block's BOS, not doubled;
+        # one inside a block stays where it is.
+        (
+            [[2, 11, 12], [2, 13], [2, 14, 15, 16]],
+            3,
+            [[2, 11, 12], [2, 13, 2], [2, 14, 15]],
+        ),
+        # A run of BOS tokens at a block's start collapses into one.
+        ([[2], [2], [2, 11, 12], [13]], 3, [[2, 11, 12]]),
+        ([[11]], 2, [[2, 11]]),
+        ([[2, 11]], 3, []),
+    ],
+)
+def test_pack_blocks_with_bos_hand_computed(
+    texts: list[list[int]], seq_len: int, expected: list[list[int]]
+) -> None:
+    blocks = pack_blocks(texts, seq_len, bos_token_id=BOS)
+    assert blocks.dtype == torch.long
+    assert blocks.shape == (len(expected), seq_len)
+    assert blocks.tolist() == expected
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pack_blocks_with_bos_keeps_the_stream(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    texts = []
+    for _ in range(40):
+        length = int(torch.randint(1, 12, (1,), generator=generator))
+        body = torch.randint(10, 30, (length,), generator=generator).tolist()
+        texts.append([BOS, *body] if seed % 2 == 0 else body)
+    seq_len = 7
+    stream = [token for text in texts for token in text]
+    blocks = pack_blocks(texts, seq_len, bos_token_id=BOS)
+    assert blocks.shape[0] > 0
+    # Exactly one BOS at the start of every block, never two.
+    assert (blocks[:, 0] == BOS).all() and (blocks[:, 1] != BOS).all()
+    # The rest of every block is the stream in order: what is left out is only
+    # BOS tokens (replaced by the blocks' own) and a tail too short for a block.
+    body = [token for token in blocks[:, 1:].flatten().tolist() if token != BOS]
+    content = [token for token in stream if token != BOS]
+    assert body == content[: len(body)]
+    assert 0 <= len(content) - len(body) < seq_len - 1
+    # Off, the packing is the paper's: the stream cut into seq_len blocks.
+    paper = pack_blocks(texts, seq_len)
+    assert paper.flatten().tolist() == stream[: paper.numel()]
+    assert len(stream) - paper.numel() < seq_len
+
+
+def test_auto_follows_whether_the_tokenizer_prepends_bos(tmp_path: Path) -> None:
+    path = write_txt(tmp_path / "t.txt", [words(n, n + 1, n + 2) for n in range(20)])
+    settings: dict[str, Any] = {"num_samples": 20, "seq_len": 5}
+    prepends = word_tokenizer()
+    on = build_blocks(str(path), prepends, **settings)
+    assert (on.tokens[:, 0] == BOS).all() and (on.tokens[:, 1] != BOS).all()
+    assert torch.equal(
+        on.tokens,
+        build_blocks(str(path), prepends, bos_per_block=True, **settings).tokens,
+    )
+    # A tokenizer that declares <s> but adds none to a text (like SmolLM2's)
+    # gets the paper's packing under auto, and the same blocks as false.
+    declared = word_tokenizer(specials=False)
+    assert declared.bos_token_id == BOS
+    off = build_blocks(str(path), declared, **settings)
+    assert off.description["bos_per_block_resolved"] is False
+    assert off.description["bos_token_id"] is None
+    assert torch.equal(
+        off.tokens,
+        build_blocks(str(path), declared, bos_per_block="false", **settings).tokens,
+    )
+    assert BOS not in off.tokens.flatten().tolist()
+    # true puts the declared BOS at every block's start all the same.
+    forced = build_blocks(str(path), declared, bos_per_block="TRUE", **settings)
+    assert forced.description["bos_per_block"] is True
+    assert (forced.tokens[:, 0] == BOS).all()
+    assert forced.fingerprint != off.fingerprint
+
+
+def test_bos_per_block_true_needs_a_bos_token(tmp_path: Path) -> None:
+    path = write_txt(tmp_path / "t.txt", [words(1, 2, 3)])
+    tokenizer = word_tokenizer(specials=False)
+    tokenizer.bos_token = None
+    assert tokenizer.bos_token_id is None
+    assert build_blocks(str(path), tokenizer, seq_len=3).tokens.tolist() == [
+        [11, 12, 13]
+    ]
+    with pytest.raises(AimConfigError, match="bos_per_block is true.*no BOS token"):
+        build_blocks(str(path), tokenizer, seq_len=3, bos_per_block=True)
+
+
+def test_bos_per_block_needs_room_for_text(tmp_path: Path) -> None:
+    path = write_txt(tmp_path / "t.txt", [words(1)])
+    with pytest.raises(CalibrationDataError) as error:
+        build_blocks(str(path), word_tokenizer(), seq_len=1)
+    message = str(error.value)
+    assert "seq_len must be at least 2" in message
+    assert "bos_per_block=auto" in message and "got seq_len=1" in message
+
+
+@pytest.mark.parametrize("value", ["sometimes", "yes", "", 1, 0, None, 0.5])
+def test_bad_bos_per_block_names_the_field(tmp_path: Path, value: Any) -> None:
+    path = write_txt(tmp_path / "t.txt", [words(1, 2, 3)])
+    with pytest.raises(AimConfigError) as error:
+        build_blocks(str(path), word_tokenizer(), seq_len=3, bos_per_block=value)
+    message = str(error.value)
+    assert message.startswith("bos_per_block must be auto, true or false")
+    assert repr(value) in message
+
+
+# --------------------------------------------------------------------------
 # sources
 
 
@@ -270,7 +405,11 @@ def test_chat_rows_use_the_chat_template(tmp_path: Path) -> None:
         tmp_path / "chat.jsonl", [{"messages": c} for c in conversations]
     )
     tokenizer = word_tokenizer(chat=True)
-    blocks = build_blocks(str(path), tokenizer, num_samples=12, seq_len=7)
+    # This template places no <s>; the paper's packing keeps the blocks exactly
+    # the rendered chats.
+    blocks = build_blocks(
+        str(path), tokenizer, num_samples=12, seq_len=7, bos_per_block=False
+    )
     assert blocks.description["chat"] is True
     assert blocks.description["text_column"] == "messages"
     order = datasets.Dataset.from_dict({"i": list(range(12))}).shuffle(seed=42)["i"]
