@@ -273,15 +273,18 @@ def real_blocks(
     """``count`` blocks of ``dataset`` text (the builtin corpus), tokenized
     with ``path``'s tokenizer and packed as the product packs calibration data;
     with ``bos_every_chunk`` each block is ``<bos>`` followed by ``seq_len - 1``
-    packed tokens."""
+    packed tokens (the product's ``bos_per_block``)."""
     from transformers import AutoTokenizer
 
     from mergekit_aim.calibration.data import build_blocks
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    packed = seq_len - 1 if bos_every_chunk else seq_len
     built = build_blocks(
-        dataset, tokenizer, num_samples=max(64, 4 * count), seq_len=packed
+        dataset,
+        tokenizer,
+        num_samples=max(64, 4 * count),
+        seq_len=seq_len,
+        bos_per_block=bos_every_chunk,
     )
     tokens = built.tokens[:count]
     if len(tokens) < count:
@@ -289,9 +292,6 @@ def real_blocks(
             f"{dataset} gave {len(tokens)} blocks of {seq_len} tokens for "
             f"{path}; asked for {count}"
         )
-    if bos_every_chunk:
-        bos = torch.full((count, 1), tokenizer.bos_token_id, dtype=tokens.dtype)
-        tokens = torch.cat([bos, tokens], dim=1)
     return tokens
 
 
