@@ -87,10 +87,6 @@ class Evaluator:
             detail[task] = [total / count for total, count in per_window]
         return {t: detail[t] for t in tasks.TASKS}
 
-    def __call__(self, model: Any) -> dict[str, float]:
-        """Mean metric per task (what the report's tables use)."""
-        return summarize(self.blocks(model))
-
 
 def summarize(blocks: Mapping[str, list[float]]) -> dict[str, float]:
     return {task: sum(values) / len(values) for task, values in blocks.items()}
