@@ -33,19 +33,25 @@ def run(*args, check=True):
 def artifact(tiny_family, tiny_text_file, tmp_path_factory):
     family = tiny_family("llama")
     out = tmp_path_factory.mktemp("cli-artifact") / "imp.safetensors"
+    return calibrate_tiny(family, tiny_text_file, out)
+
+
+def calibrate_tiny(family, text_file, out, *options):
+    """``mergekit-aim calibrate`` on the tiny family's base with small settings."""
     run(
         "calibrate",
         family.base,
         "-o",
         out,
         "--dataset",
-        tiny_text_file,
+        text_file,
         "--num-samples",
         48,
         "--seq-len",
         32,
         "--batch-size",
         4,
+        *options,
         "--quiet",
     )
     return out
@@ -69,23 +75,12 @@ def test_calibrate_bos_per_block(artifact, tiny_family, tiny_text_file, tmp_path
     default = ImportanceMap.load(artifact)
     assert default.provenance["calibration"]["bos_per_block"] == "auto"
     assert default.provenance["calibration"]["bos_per_block_resolved"] is True
-    out = tmp_path / "paper.safetensors"
-    run(
-        "calibrate",
-        family.base,
-        "-o",
-        out,
-        "--dataset",
+    out = calibrate_tiny(
+        family,
         tiny_text_file,
-        "--num-samples",
-        48,
-        "--seq-len",
-        32,
-        "--batch-size",
-        4,
+        tmp_path / "paper.safetensors",
         "--bos-per-block",
         "false",
-        "--quiet",
     )
     summary = json.loads(run("inspect", out).stdout)
     calibration = summary["provenance"]["calibration"]
