@@ -58,19 +58,21 @@ class Evaluator:
         seq_len: int,
         bos: int | None = None,
     ):
+        from mergekit_aim.calibration.data import pack_blocks
         from mergekit_aim.evaluation import pad_token_id
-        from mergekit_aim.tiny import pack_blocks
+        from mergekit_aim.tiny import token_stream
 
         self.sets = {
             t: ExactMatchSet.build(tokenizer, data.test_items(t))
             for t in tasks.EM_TASKS
         }
-        width = seq_len - (bos is not None)
+        # Calibration's packer: with a BOS it starts every block with exactly one.
         self.windows = {
-            task: [
-                ([bos] if bos is not None else []) + block.tolist()
-                for block in pack_blocks(tokenizer, data.test_texts[task], width)
-            ]
+            task: pack_blocks(
+                [token_stream(tokenizer, data.test_texts[task]).tolist()],
+                seq_len,
+                bos_token_id=bos,
+            ).tolist()
             for task in tasks.LOSS_TASKS
         }
         self.pad_id = pad_token_id(tokenizer)
