@@ -285,9 +285,8 @@ def _clear_aim_caches() -> None:
     # artifact and indexes the base checkpoint, as a new process would.
     from mergekit_aim import checkpoint, importance
 
-    with importance._LOADED_LOCK:
-        importance._LOADED.clear()
-    checkpoint._read_index.cache_clear()
+    importance.forget_loaded()
+    checkpoint.forget_indexes()
 
 
 def measure_method(

@@ -142,7 +142,7 @@ def relax(
     """
     from mergekit_aim.config import omega_value
     from mergekit_aim.errors import AimConfigError
-    from mergekit_aim.relax import load_importance, relax_checkpoint
+    from mergekit_aim.offline import load_importance, relax_checkpoint
 
     _setup_logging(quiet, verbose)
     try:
@@ -232,9 +232,9 @@ def tune(
     omega is ignored. OUT gets the chosen model, aim_tune.json and aim_tune.md.
     """
     from mergekit_aim.errors import AimConfigError
-    from mergekit_aim.evaluation import parse_eval_spec
-    from mergekit_aim.tune import parse_omegas
-    from mergekit_aim.tune import tune as run_tune
+    from mergekit_aim.tuning.evaluation import parse_eval_spec
+    from mergekit_aim.tuning.search import parse_omegas
+    from mergekit_aim.tuning.search import tune as run_tune
 
     _setup_logging(quiet, verbose)
     files: dict[str, Path] = {}
@@ -288,7 +288,7 @@ def demo(out: str, quick: bool, seed: int) -> None:
 @click.option("--tensors", is_flag=True, help="list every tensor with its token count")
 def inspect(artifact: str, tensors: bool) -> None:
     """Print an importance artifact's provenance and coverage as JSON."""
-    from mergekit_aim.relax import load_importance
+    from mergekit_aim.offline import load_importance
 
     imap = load_importance(artifact)
     summary = imap.summary()

@@ -6,7 +6,7 @@ two experts fine-tuned from it, one on prose and one on code. The base is
 calibrated on ``builtin``, the experts are merged with TIES through mergekit's
 own pipeline twice (plain, and with an ``aim:`` block), and every model is
 scored by held-out loss on each domain (mean token NLL, as ``mergekit-aim
-tune`` scores it: :func:`mergekit_aim.evaluation.evaluate_loss`). Math is in no
+tune`` scores it: :func:`mergekit_aim.tuning.evaluation.evaluate_loss`). Math is in no
 expert's fine-tuning data: its column shows how much of what only the base was
 taught survives.
 
@@ -268,7 +268,7 @@ def run_demo(
 
     import mergekit_aim
     from mergekit_aim import tiny
-    from mergekit_aim.evaluation import evaluate_loss
+    from mergekit_aim.tuning.evaluation import evaluate_loss
 
     settings = QUICK if quick else FULL
     out_dir = Path(out_dir)

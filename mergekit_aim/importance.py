@@ -304,6 +304,12 @@ def load_cached(path: str) -> ImportanceMap:
         return found
 
 
+def forget_loaded() -> None:
+    """Drop every map :func:`load_cached` holds (benchmarks time cold loads)."""
+    with _LOADED_LOCK:
+        _LOADED.clear()
+
+
 def resolve_artifact(spec: str, *, cache_dir: str | None = None) -> str:
     """A local path for ``path``, ``org/repo`` or ``org/repo:file.safetensors``."""
     if os.path.exists(spec):

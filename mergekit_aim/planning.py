@@ -98,7 +98,7 @@ class AimMergeSession:
             importance = load_cached(path)
             source = f"precomputed: {aim.importance}"
         else:
-            from mergekit_aim.cache import calibrated_artifact
+            from mergekit_aim.calibration.cache import calibrated_artifact
 
             path, importance = calibrated_artifact(
                 base_path,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mergekit_aim.cache import calibrated_artifact
+from mergekit_aim.calibration.cache import calibrated_artifact
 from mergekit_aim.checkpoint import read_checkpoint
 from mergekit_aim.config import CalibrationConfig
 

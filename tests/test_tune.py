@@ -13,12 +13,12 @@ import yaml
 from checkpoint_files import load_dir
 from click.testing import CliRunner
 
-from mergekit_aim import tune as tune_module
 from mergekit_aim.errors import AimConfigError, AimError
-from mergekit_aim.evaluation import evaluate_loss, read_eval_texts, token_windows
 from mergekit_aim.importance import ImportanceMap
-from mergekit_aim.relax import apply_aim, relax_checkpoint
-from mergekit_aim.tune import (
+from mergekit_aim.offline import apply_aim, relax_checkpoint
+from mergekit_aim.tuning import search as tune_module
+from mergekit_aim.tuning.evaluation import evaluate_loss, read_eval_texts, token_windows
+from mergekit_aim.tuning.search import (
     TuneResult,
     candidate_tensors,
     omega_grid,
@@ -242,7 +242,7 @@ def test_evaluate_loss_matches_the_models_own_loss(family, plain):
 def test_window_nll_is_per_window_in_input_order(family, plain):
     from transformers import AutoModelForCausalLM
 
-    from mergekit_aim.evaluation import pad_token_id, sum_nll, window_nll
+    from mergekit_aim.tuning.evaluation import pad_token_id, sum_nll, window_nll
 
     tokenizer = family.tokenizer
     model = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32)

@@ -3,7 +3,7 @@
 Trains (or reuses from the cache) a base and three experts, merges expert
 sets with several methods through mergekit, applies AIM and its two controls
 to each merge, chooses ω on a validation split with
-:func:`mergekit_aim.tune.tune_merged`, scores everything on the test split,
+:func:`mergekit_aim.tuning.search.tune_merged`, scores everything on the test split,
 and writes ``quality.json``, ``quality.md`` and ``quality.png`` to ``--out``.
 
 ``--model smollm2-135m`` runs the protocol on a real pretrained base (see
@@ -59,8 +59,8 @@ class Evaluator:
         bos: int | None = None,
     ):
         from mergekit_aim.calibration.data import pack_blocks
-        from mergekit_aim.evaluation import pad_token_id
         from mergekit_aim.tiny import token_stream
+        from mergekit_aim.tuning.evaluation import pad_token_id
 
         self.sets = {
             t: ExactMatchSet.build(tokenizer, data.test_items(t))
@@ -78,7 +78,7 @@ class Evaluator:
         self.pad_id = pad_token_id(tokenizer)
 
     def blocks(self, model: Any) -> dict[str, list[float]]:
-        from mergekit_aim.evaluation import window_nll
+        from mergekit_aim.tuning.evaluation import window_nll
 
         detail: dict[str, list[float]] = {
             t: [float(f) for f in exact_match_flags(model, s)]
@@ -117,9 +117,9 @@ def _row(
 
 def _tuner() -> Any:
     try:
-        from mergekit_aim import tune
+        from mergekit_aim.tuning import search as tune
     except ImportError:
-        LOG.warning("quality: mergekit_aim.tune is missing; no tuned rows")
+        LOG.warning("quality: mergekit_aim.tuning.search is missing; no tuned rows")
         return None
     return tune
 

@@ -6,7 +6,7 @@ relaxation of the plain output (tested in ``tests/test_methods_pipeline.py``),
 so AIM at any ω and both controls are computed from that one plain merge:
 
 * ``aim``: the kernel with the base's artifact (what
-  :func:`mergekit_aim.relax.apply_aim` does).
+  :func:`mergekit_aim.offline.apply_aim` does).
 * ``uniform``: every relaxed tensor's delta scaled by one number, the mean
   over the tensor of AIM's per-element factor ``1 − s·(1 − ω)``. Same overall
   shrinkage as AIM, no activation information.
@@ -128,7 +128,7 @@ def _relax_all(
 ) -> dict[str, torch.Tensor]:
     """Every tensor with a statistic relaxed by the kernel with the statistic
     and ω that ``choose(name)`` returns; every other tensor as merged (the
-    coverage of :func:`mergekit_aim.relax.apply_aim`). Inputs are not modified.
+    coverage of :func:`mergekit_aim.offline.apply_aim`). Inputs are not modified.
     """
     from mergekit_aim.kernels import aim_relax
 

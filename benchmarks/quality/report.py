@@ -340,7 +340,7 @@ def tuned_summary(rows: Sequence[Mapping[str, Any]]) -> str:
         if row["variant"] == "tuned":
             counts[row["omega"]] += 1
     if not counts:
-        return "No tuned rows (mergekit_aim.tune was not available)."
+        return "No tuned rows (mergekit_aim.tuning.search was not available)."
     parts = [f"ω={k:g}: {v}" for k, v in sorted(counts.items())]
     return "ω chosen on the validation split: " + ", ".join(parts) + "."
 
@@ -780,7 +780,8 @@ def _toy_setup(document: Mapping[str, Any], agree: int, total: int) -> list[str]
         "**uniform** (each tensor's delta scaled by the mean of AIM's factors "
         "over that tensor) and **permuted** (AIM with each tensor's importance "
         "vector randomly permuted). **tuned**: ω chosen per merge by "
-        "`mergekit_aim.tune.tune_merged` (validation split: held-out items and "
+        "`mergekit_aim.tuning.search.tune_merged` (validation split: held-out items "
+        "and "
         "texts disjoint from the test split) from "
         f"{{{', '.join(f'{o:g}' for o in s['tune_omegas'])}}}.",
         "* Merges: every pair and the triple, with task_arithmetic, TIES, "
@@ -836,7 +837,8 @@ def _real_setup(document: Mapping[str, Any], agree: int, total: int) -> list[str
         "that tensor: the same shrinkage, no activation information) and "
         "**permuted** (AIM with each tensor's statistic randomly permuted: the "
         "same factors on the wrong channels). **tuned**: ω chosen per merge by "
-        "`mergekit_aim.tune.tune_merged` on a validation split disjoint from the "
+        "`mergekit_aim.tuning.search.tune_merged` on a validation split disjoint "
+        "from the "
         f"test split, from {{{', '.join(f'{o:g}' for o in s['tune_omegas'])}}}.",
         f"* Merges through mergekit's `run_merge` ({methods}; density "
         f"{s['density']:g}; DARE over seeds "

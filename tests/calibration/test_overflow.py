@@ -161,7 +161,7 @@ def test_merge_time_calibration_caches_nothing(
     overflowing, tiny_text_file, tmp_path, monkeypatch
 ):
     """The aim: block's calibration raises the same error and leaves no entry."""
-    from mergekit_aim.cache import calibrated_artifact
+    from mergekit_aim.calibration.cache import calibrated_artifact
     from mergekit_aim.checkpoint import read_checkpoint
     from mergekit_aim.config import CalibrationConfig
 

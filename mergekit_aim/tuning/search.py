@@ -45,7 +45,8 @@ import torch
 
 from mergekit_aim.config import PAPER_URL, omega_value
 from mergekit_aim.errors import AimConfigError
-from mergekit_aim.evaluation import (
+from mergekit_aim.importance import ImportanceMap
+from mergekit_aim.tuning.evaluation import (
     DTYPES,
     check_eval_settings,
     evaluate_loss,
@@ -56,7 +57,6 @@ from mergekit_aim.evaluation import (
     sum_nll,
     token_windows,
 )
-from mergekit_aim.importance import ImportanceMap
 
 __all__ = [
     "TuneResult",
@@ -151,7 +151,7 @@ def candidate_tensors(
     merged tensor itself (the plain merge, bit for bit). Every name needs a
     statistic in ``importance`` and a tensor in ``base_tensors``.
     """
-    from mergekit_aim.relax import relax
+    from mergekit_aim.offline import relax
 
     omega_mlp = omega_attention if omega_mlp is None else omega_mlp
     result = {}
@@ -661,7 +661,7 @@ def _write_chosen(
     for byte as they are; at ω = 1 a group is left alone entirely, so the
     output equals the in-memory candidate exactly.
     """
-    from mergekit_aim.relax import relax_checkpoint
+    from mergekit_aim.offline import relax_checkpoint
 
     if split and chosen.omega_attention != chosen.omega_mlp:
         groups = [
