@@ -27,27 +27,12 @@ from mergekit_aim.calibration.data import (
     BosPerBlock,
     bos_per_block_value,
 )
+from mergekit_aim.kernels import omega_value
 
 DEFAULT_OMEGA = 0.4
 PAPER_URL = "https://arxiv.org/abs/2502.02421"
 
 CalibrationDtype = Literal["auto", "float32", "bfloat16", "float16"]
-
-
-def omega_value(value: Any) -> float:
-    """Validate one scalar ω: a number in [0, 1] (YAML strings like "4e-1" too)."""
-    if isinstance(value, bool):
-        raise ValueError(f"omega must be a number in [0, 1], not a boolean ({value})")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"omega must be a number in [0, 1]; got {value!r}") from None
-    if not 0.0 <= number <= 1.0:
-        raise ValueError(
-            f"omega must be within [0, 1] (1 = plain merge, 0 = the most used "
-            f"channel fully back to the base); got {number}"
-        )
-    return number
 
 
 def _check_omega_setting(setting: Any) -> None:

@@ -1,7 +1,8 @@
 """AIM's two hot operations as ``torch.ops.mergekit_aim`` custom ops.
 
-The formula lives here and nowhere else. For a weight with base ``B``, merge
-output ``M`` and the raw per-input-channel activation statistic ``a``::
+The formula lives here and nowhere else (the factor ``f`` in ``_formula``).
+For a weight with base ``B``, merge output ``M`` and the raw per-input-channel
+activation statistic ``a``::
 
     s = |a| / max|a|            (s = 0 where max|a| = 0)
     W = B + (M − B) ⊙ (1 − s·(1 − ω)),   s broadcast along the weight's input axis
@@ -14,6 +15,7 @@ Importing this package registers ``torch.ops.mergekit_aim.channel_abs_sum``,
 optional and imported only when a Triton kernel is first needed.
 """
 
+from mergekit_aim.kernels._formula import omega_value, relax_factor
 from mergekit_aim.kernels._ops import (
     aim_relax,
     aim_relax_,
@@ -21,4 +23,11 @@ from mergekit_aim.kernels._ops import (
     channel_abs_sum_,
 )
 
-__all__ = ["aim_relax", "aim_relax_", "channel_abs_sum", "channel_abs_sum_"]
+__all__ = [
+    "aim_relax",
+    "aim_relax_",
+    "channel_abs_sum",
+    "channel_abs_sum_",
+    "omega_value",
+    "relax_factor",
+]

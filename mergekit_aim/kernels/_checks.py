@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from mergekit_aim.kernels._formula import omega_value
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "torch", "triton", "native")
 
@@ -20,16 +22,6 @@ def check_backend(backend: str) -> None:
         raise ValueError(
             f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}"
         )
-
-
-def check_omega(omega: float) -> float:
-    """Return ω as a float, refusing anything outside [0, 1] (NaN included)."""
-    if isinstance(omega, bool) or not isinstance(omega, (int, float)):
-        raise ValueError(f"omega must be a float in [0, 1], got {omega!r}")
-    omega = float(omega)
-    if not 0.0 <= omega <= 1.0:
-        raise ValueError(f"omega must be in [0, 1], got {omega}")
-    return omega
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:
@@ -68,7 +60,7 @@ def check_aim_relax(
     input_axis: int,
 ) -> int:
     """Validate the relaxation's arguments; return ``input_axis`` made non-negative."""
-    check_omega(omega)
+    omega_value(omega)
     for name, t in (("base", base), ("merged", merged), ("importance", importance)):
         _check_float(name, t)
     if base.shape != merged.shape:

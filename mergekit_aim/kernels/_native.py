@@ -35,7 +35,6 @@ import torch
 
 from mergekit_aim.cache_location import cache_dir
 from mergekit_aim.kernels._checks import around_axis
-from mergekit_aim.kernels._torch import relax_factor
 
 LOG = logging.getLogger(__name__)
 
@@ -306,8 +305,7 @@ def _run_split(units: int, unit_elems: int, call) -> None:
 def aim_relax(
     base: torch.Tensor,
     merged: torch.Tensor,
-    importance: torch.Tensor,
-    omega: float,
+    factor: torch.Tensor,
     axis: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -324,7 +322,7 @@ def aim_relax(
         raise ValueError(unsupported_reason(out, merged, base))
     if out.numel() == 0:
         return out
-    factor = relax_factor(importance, omega).contiguous()
+    factor = factor.contiguous()
     outer, channels, inner = around_axis(tuple(merged.shape), axis)
     size = merged.element_size()
     o, m, b, f = (t.data_ptr() for t in (out, merged, base, factor))

@@ -25,8 +25,8 @@ from mergekit_aim.kernels._checks import (
     check_backend,
     check_channel_abs_sum,
     check_channel_abs_sum_,
-    check_omega,
 )
+from mergekit_aim.kernels._formula import omega_value, relax_factor
 
 LOG = logging.getLogger(__name__)
 
@@ -105,16 +105,17 @@ def _default_aim_relax(
     """What "auto" runs: the CUDA kernel on CUDA; on CPU the native loop where
     it applies; torch otherwise."""
     device = merged.device
+    factor = relax_factor(importance, omega)
     if device.type == "cuda":
-        return _cuda_impl().aim_relax(base, merged, importance, omega, axis, out=out)
+        return _cuda_impl().aim_relax(base, merged, factor, axis, out=out)
     target = merged if out is None else out  # a new output is contiguous, like merged
     if (
         device.type == "cpu"
         and _native.available()
         and _native.supports(target, merged, base)
     ):
-        return _native.aim_relax(base, merged, importance, omega, axis, out=out)
-    return _torch.aim_relax(base, merged, importance, omega, axis, out=out)
+        return _native.aim_relax(base, merged, factor, axis, out=out)
+    return _torch.aim_relax(base, merged, factor, axis, out=out)
 
 
 # --- channel_abs_sum -----------------------------------------------------------
@@ -257,7 +258,7 @@ def aim_relax(
     dtype among bfloat16, float16, float32; bit-identical to "torch").
     """
     check_backend(backend)
-    omega = check_omega(omega)
+    omega = omega_value(omega)
     if backend == "auto" and not _eager(base, merged, importance):
         return torch.ops.mergekit_aim.aim_relax(
             base, merged, importance, omega, input_axis
@@ -266,7 +267,7 @@ def aim_relax(
     if backend == "auto":
         return _default_aim_relax(base, merged, importance, omega, axis)
     return _impl(backend, merged.device).aim_relax(
-        base, merged, importance, omega, axis
+        base, merged, relax_factor(importance, omega), axis
     )
 
 
@@ -286,7 +287,7 @@ def aim_relax_(
     memory with ``base`` or ``importance`` and must not be a broadcast view.
     """
     check_backend(backend)
-    omega = check_omega(omega)
+    omega = omega_value(omega)
     if backend == "auto" and not _eager(merged, base, importance):
         torch.ops.mergekit_aim.aim_relax_(merged, base, importance, omega, input_axis)
         return merged
@@ -295,6 +296,6 @@ def aim_relax_(
         _default_aim_relax(base, merged, importance, omega, axis, out=merged)
     else:
         _impl(backend, merged.device).aim_relax(
-            base, merged, importance, omega, axis, out=merged
+            base, merged, relax_factor(importance, omega), axis, out=merged
         )
     return merged

@@ -61,38 +61,17 @@ def channel_abs_sum(x: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def relax_factor(importance: torch.Tensor, omega: float) -> torch.Tensor:
-    """Float32 ``f = 1 − s·(1 − ω)`` with ``s = |a| / max|a|`` (``s = 0`` if max is 0).
-
-    No host synchronisation on accelerators: the zero test is a ``where`` on the
-    device. On CPU, where reading the maximum costs nothing, the same arithmetic
-    runs as three in-place ops instead of eight (a merge computes one factor per
-    tensor, and each torch op costs microseconds); the results are bit-identical.
-    """
-    if importance.device.type == "cpu":
-        a = importance.to(torch.float32, copy=True).abs_()
-        amax = float(a.amax())
-        if not amax > 0:  # zero, or NaN: s = 0, as the where() below gives
-            return torch.ones_like(a)
-        # x·(ω − 1) + 1 rounds exactly as 1 − x·(1 − ω): negation is exact.
-        return a.div_(amax).mul_(omega - 1.0).add_(1.0)
-    a = importance.to(torch.float32).abs()
-    amax = a.amax()
-    s = torch.where(amax > 0, a / torch.where(amax > 0, amax, 1.0), 0.0)
-    return 1.0 - s * (1.0 - omega)
-
-
 def aim_relax(
     base: torch.Tensor,
     merged: torch.Tensor,
-    importance: torch.Tensor,
-    omega: float,
+    factor: torch.Tensor,
     axis: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``B + (M − B)·f`` in float32 blocks, written into ``out`` (default: a new
     tensor of merged's dtype; ``out`` may be ``merged`` itself).
 
+    ``factor`` is :func:`~mergekit_aim.kernels._formula.relax_factor`'s ``f``;
     ``axis`` is non-negative and already validated; ``f`` broadcasts along it.
     Temporaries: two float32 blocks of ``BLOCK_ELEMS`` and the factor vector.
     Each block of ``merged`` is copied out before its block of ``out`` is
@@ -104,7 +83,7 @@ def aim_relax(
         return out
     shape = [1] * merged.dim()
     shape[axis] = merged.shape[axis]
-    factor = relax_factor(importance, omega).view(shape).expand(merged.shape)
+    factor = factor.view(shape).expand(merged.shape)
     size = min(out.numel(), BLOCK_ELEMS)
     base_work = torch.empty(size, dtype=torch.float32, device=out.device)
     merged_work = torch.empty(size, dtype=torch.float32, device=out.device)

@@ -68,8 +68,7 @@ def _aim_relax_kernel(
     base_ptr,  # weight B viewed as [batch, rows, cols]
     merged_ptr,  # weight M, same view, own strides and dtype
     out_ptr,  # output, same view, merged's dtype
-    stat_ptr,  # raw statistic a, indexed by column (STAT_ON_COLS) or row
-    amax_ptr,  # one element: max|a|
+    factor_ptr,  # float32 factor f, indexed by column (STAT_ON_COLS) or row
     rows,
     cols,
     col_tiles,  # tiles along cols
@@ -83,8 +82,7 @@ def _aim_relax_kernel(
     o_sb,  # output strides
     o_sr,
     o_sc,
-    stat_stride,
-    keep,  # 1 − ω
+    factor_stride,
     STAT_ON_COLS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -100,14 +98,10 @@ def _aim_relax_kernel(
     c64 = c.to(tl.int64)[None, :]
     mask = r_mask[:, None] & c_mask[None, :]
 
-    amax = tl.load(amax_ptr).to(tl.float32)
-    safe_amax = tl.where(amax > 0, amax, 1.0)
     if STAT_ON_COLS:
-        a = tl.load(stat_ptr + c.to(tl.int64) * stat_stride, mask=c_mask, other=0.0)
+        f = tl.load(factor_ptr + c.to(tl.int64) * factor_stride, mask=c_mask, other=1.0)
     else:
-        a = tl.load(stat_ptr + r.to(tl.int64) * stat_stride, mask=r_mask, other=0.0)
-    s = tl.where(amax > 0, tl.abs(a.to(tl.float32)) / safe_amax, 0.0)
-    f = 1.0 - s * keep
+        f = tl.load(factor_ptr + r.to(tl.int64) * factor_stride, mask=r_mask, other=1.0)
     if STAT_ON_COLS:
         f2 = f[None, :]
     else:
@@ -220,12 +214,12 @@ def _as_3d(t: torch.Tensor, shape: tuple) -> torch.Tensor:
 def aim_relax(
     base: torch.Tensor,
     merged: torch.Tensor,
-    importance: torch.Tensor,
-    omega: float,
+    factor: torch.Tensor,
     axis: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fused ``B + (M − B)·(1 − s·(1 − ω))``; ``axis`` non-negative and validated.
+    """Fused ``B + (M − B)·f`` (``f`` from ``relax_factor``); ``axis`` non-negative
+    and validated.
 
     Writes into ``out`` (default: a new tensor; ``out`` may be ``merged``: every
     program loads its tile of ``merged`` before storing the same tile).
@@ -255,14 +249,12 @@ def aim_relax(
     block_r = min(_pow2(rows), max(2, TILE_ELEMS // block_c))
     col_tiles = triton.cdiv(cols, block_c)
     batch_tiles = triton.cdiv(rows, block_r) * col_tiles
-    amax = torch.linalg.vector_norm(importance, ord=float("inf"))
     with _launch_context(out.device):
         _aim_relax_kernel[(batch * batch_tiles,)](
             b3,
             m3,
             o3,
-            importance,
-            amax,
+            factor,
             rows,
             cols,
             col_tiles,
@@ -270,8 +262,7 @@ def aim_relax(
             *b3.stride(),
             *m3.stride(),
             *o3.stride(),
-            importance.stride(0),
-            1.0 - omega,
+            factor.stride(0),
             STAT_ON_COLS=stat_on_cols,
             BLOCK_R=block_r,
             BLOCK_C=block_c,

@@ -2,7 +2,7 @@
  * The CPU loop of AIM's relaxation: out = lerp(base, merged, factor), one pass.
  *
  * The factor f = 1 - s(1 - omega) is computed by the torch code (one vector per
- * tensor, mergekit_aim/kernels/_torch.py: relax_factor); this file only applies
+ * tensor, mergekit_aim/kernels/_formula.py: relax_factor); this file only applies
  * it. It exists because torch's CPU ops need four passes over each block for
  * a bf16 relaxation (two upcasts, the lerp, the downcast): fused, the loop reads
  * merged and base once and writes out once, which is what keeps AIM's share of
