@@ -140,8 +140,8 @@ def relax(
 
     Without --importance, BASE is calibrated first (calibration options apply).
     """
-    from mergekit_aim.config import omega_value
     from mergekit_aim.errors import AimConfigError
+    from mergekit_aim.kernels import omega_value
     from mergekit_aim.offline import load_importance, relax_checkpoint
 
     _setup_logging(quiet, verbose)

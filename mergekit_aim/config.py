@@ -16,10 +16,9 @@ instead of a setting that silently does nothing.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
-from mergekit.config import ConditionalParameter, ParameterSetting
+from mergekit.config import ParameterSetting
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mergekit_aim.calibration.data import (
@@ -27,24 +26,12 @@ from mergekit_aim.calibration.data import (
     BosPerBlock,
     bos_per_block_value,
 )
-from mergekit_aim.kernels import omega_value
+from mergekit_aim.selection import Selection, check_omega_setting, compile_exclude
 
 DEFAULT_OMEGA = 0.4
 PAPER_URL = "https://arxiv.org/abs/2502.02421"
 
 CalibrationDtype = Literal["auto", "float32", "bfloat16", "float16"]
-
-
-def _check_omega_setting(setting: Any) -> None:
-    if isinstance(setting, ConditionalParameter):
-        _check_omega_setting(setting.value)
-    elif isinstance(setting, list):
-        if not setting:
-            raise ValueError("omega must not be an empty list")
-        for item in setting:
-            _check_omega_setting(item)
-    else:
-        omega_value(setting)
 
 
 class CalibrationConfig(BaseModel):
@@ -108,20 +95,13 @@ class AimConfig(BaseModel):
     @field_validator("omega")
     @classmethod
     def _omega_in_range(cls, value: ParameterSetting) -> ParameterSetting:
-        _check_omega_setting(value)
+        check_omega_setting(value)
         return value
 
     @field_validator("exclude")
     @classmethod
     def _exclude_compiles(cls, patterns: list[str]) -> list[str]:
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise ValueError(
-                    f"exclude pattern {pattern!r} is not a valid regular "
-                    f"expression: {error}"
-                ) from None
+        compile_exclude(patterns)
         return patterns
 
     @field_validator("importance")
@@ -146,9 +126,6 @@ class AimConfig(BaseModel):
             )
         return self
 
-    def excluded_by(self, *names: str | None) -> str | None:
-        """The first exclude pattern matching any of the names, if one does."""
-        for pattern in self.exclude:
-            if any(name and re.search(pattern, name) for name in names):
-                return pattern
-        return None
+    def selection(self) -> Selection:
+        """Which tensors this block relaxes, and with which ω."""
+        return Selection(self.omega, self.exclude)

@@ -35,9 +35,10 @@ from mergekit.merge_methods.base import (
 )
 from pydantic import AfterValidator
 
-from mergekit_aim.config import DEFAULT_OMEGA, PAPER_URL, omega_value
+from mergekit_aim.config import DEFAULT_OMEGA, PAPER_URL
 from mergekit_aim.errors import AimConfigError, ImportanceError
 from mergekit_aim.importance import ImportanceMap, load_cached
+from mergekit_aim.kernels import omega_value
 
 LOG = logging.getLogger(__name__)
 

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from mergekit_aim.checkpoint import safetensors_header
-from mergekit_aim.config import PAPER_URL, omega_value
+from mergekit_aim.config import PAPER_URL
 from mergekit_aim.errors import AimConfigError, ImportanceError
 from mergekit_aim.importance import ImportanceMap
+from mergekit_aim.kernels import omega_value
 
 LOG = logging.getLogger(__name__)
 

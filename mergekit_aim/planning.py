@@ -11,52 +11,18 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any
 
 from mergekit.common import ImmutableMap
-from mergekit.config import evaluate_setting
 
 from mergekit_aim.checkpoint import CheckpointIndex, read_checkpoint
-from mergekit_aim.config import PAPER_URL, AimConfig, omega_value
+from mergekit_aim.config import PAPER_URL, AimConfig
 from mergekit_aim.errors import AimConfigError
 from mergekit_aim.importance import ImportanceMap, load_cached, resolve_artifact
 from mergekit_aim.method import aim_method
+from mergekit_aim.selection import Coverage
 
 LOG = logging.getLogger(__name__)
-
-RELAXED = "relaxed"
-NO_STATISTIC = "no input statistic"
-EXCLUDED = "excluded by aim.exclude"
-OMEGA_ONE = "omega = 1 (plain merge)"
-NO_OMEGA = "no aim.omega filter matched"
-
-
-@dataclass
-class Coverage:
-    """Which output tensors were relaxed, which were left alone and why."""
-
-    decisions: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
-    omegas: list[float] = field(default_factory=list)
-
-    def add(self, reason: str, tensor: str, omega: float | None = None) -> None:
-        self.decisions[reason].append(tensor)
-        if omega is not None:
-            self.omegas.append(omega)
-
-    def summary(self) -> dict[str, Any]:
-        counts = {reason: len(names) for reason, names in self.decisions.items()}
-        total = sum(counts.values())
-        result: dict[str, Any] = {
-            "tensors": total,
-            "relaxed": counts.get(RELAXED, 0),
-            "left_alone": {k: v for k, v in counts.items() if k != RELAXED},
-        }
-        if self.omegas:
-            result["omega_min"] = min(self.omegas)
-            result["omega_max"] = max(self.omegas)
-        return result
 
 
 class AimMergeSession:
@@ -77,6 +43,7 @@ class AimMergeSession:
         self.artifact_path = artifact_path
         self.importance = importance
         self.source = source
+        self.selection = aim.selection()
         self.coverage = Coverage()
 
     @classmethod
@@ -146,26 +113,13 @@ class AimMergeSession:
             )
         base_weight = weights_in[models.index(base)]
         key = self._statistic_key(base_weight)
-        excluded = self.aim.excluded_by(weight.name, key)
-        if excluded is not None:
-            self.coverage.add(EXCLUDED, weight.name)
+        decision = self.selection.decide(weight.name, key, t=cfg_reader.t)
+        self.coverage.add(weight.name, decision)
+        if not decision.relaxed:
             return task
-        if key is None:
-            self.coverage.add(NO_STATISTIC, weight.name)
-            return task
-        omega = evaluate_setting(
-            weight.name, self.aim.omega, cfg_reader.t, validate=omega_value
-        )
-        if omega is None:
-            self.coverage.add(NO_OMEGA, weight.name)
-            return task
-        if omega >= 1.0:
-            self.coverage.add(OMEGA_ONE, weight.name)
-            return task
-        self.coverage.add(RELAXED, weight.name, omega)
         parameters = dict(task.parameters.items())
         parameters.update(
-            omega=float(omega), importance=self.artifact_path, importance_key=key
+            omega=decision.omega, importance=self.artifact_path, importance_key=key
         )
         return task.model_copy(
             update={

@@ -150,9 +150,11 @@ def test_omega_accepts_mergekit_parameter_syntax():
 
 def test_exclude_matches_any_name():
     aim = AimConfig(importance="x", exclude=["lm_head", r"layers\.0\."])
-    assert aim.excluded_by("lm_head.weight") == "lm_head"
-    assert aim.excluded_by("model.layers.1.mlp.up_proj.weight", "model.layers.0.x")
-    assert aim.excluded_by("model.layers.1.mlp.up_proj.weight") is None
+    assert aim.selection().excluded_by("lm_head.weight") == "lm_head"
+    assert aim.selection().excluded_by(
+        "model.layers.1.mlp.up_proj.weight", "model.layers.0.x"
+    )
+    assert aim.selection().excluded_by("model.layers.1.mlp.up_proj.weight") is None
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yml")), ids=lambda p: p.name)

@@ -43,9 +43,10 @@ from typing import Any
 
 import torch
 
-from mergekit_aim.config import PAPER_URL, omega_value
+from mergekit_aim.config import PAPER_URL
 from mergekit_aim.errors import AimConfigError
 from mergekit_aim.importance import ImportanceMap
+from mergekit_aim.kernels import omega_value
 from mergekit_aim.tuning.evaluation import (
     DTYPES,
     check_eval_settings,
