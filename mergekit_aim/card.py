@@ -1,4 +1,10 @@
-"""The AIM section of a merged model's card (README.md)."""
+"""Every text mergekit-aim writes into a model card (README.md).
+
+Three paths write a card: a merge with an ``aim:`` block (:func:`add_aim_to_card`),
+the post-hoc ``mergekit-aim relax`` (:func:`relaxed_card`) and ``mergekit-aim
+tune`` (:func:`tuned_card`, and the ``aim_tune.md`` report). Each adds the
+``aim`` tag to the front matter and one section at the end.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ _FRONT_MATTER = "---\n"
 
 def add_aim_to_card(card: str, aim: AimConfig, report: dict[str, Any]) -> str:
     """Add the ``aim`` tag to the front matter and an AIM section at the end."""
-    card = _add_tag(card, "aim")
+    card = add_tag(card, "aim")
     coverage = report["coverage"]
     provenance = report.get("provenance", {})
     calibration = provenance.get("calibration", {})
@@ -51,7 +57,7 @@ def add_aim_to_card(card: str, aim: AimConfig, report: dict[str, Any]) -> str:
     return card.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
 
 
-def _add_tag(card: str, tag: str) -> str:
+def add_tag(card: str, tag: str) -> str:
     if not card.startswith(_FRONT_MATTER):
         return card
     end = card.find("\n---", len(_FRONT_MATTER))
@@ -63,3 +69,75 @@ def _add_tag(card: str, tag: str) -> str:
         tags.append(tag)
     meta["tags"] = tags
     return _FRONT_MATTER + yaml.dump(meta) + card[end + 1 :]
+
+
+def relaxed_card(card: str, report: dict[str, Any]) -> str:
+    """The merged model's card with the section ``mergekit-aim relax`` adds."""
+    omega = report["omega"]
+    omega_text = (
+        f"ω = {omega:g}" if isinstance(omega, float) else (f"ω `{json.dumps(omega)}`")
+    )
+    section = (
+        "\n## Activation-Informed Merging\n\n"
+        f"Relaxed after merging with [AIM]({PAPER_URL}) at {omega_text}: "
+        f"{report['relaxed']} of {report['tensors']} tensors, toward base model "
+        f"`{report['base_model']}`.\n"
+    )
+    return add_tag(card, "aim").rstrip("\n") + "\n" + section
+
+
+def _tuned_omega_text(result: Any) -> str:
+    chosen = result.chosen
+    if result.split_attention_mlp:
+        return (
+            f"ω = {chosen.omega_attention:g} (attention, norms, LM head) and "
+            f"{chosen.omega_mlp:g} (MLP)"
+        )
+    return f"ω = {chosen.omega_attention:g}"
+
+
+def tuned_card(card: str, result: Any, facts: dict[str, Any]) -> str:
+    """The plain merge's card with the section ``mergekit-aim tune`` adds.
+
+    ``result`` is the search's ``TuneResult``; ``facts`` holds ``base_model``,
+    ``relaxed`` (tensor count), ``source`` (the importance) and ``objective``.
+    """
+    chosen = result.chosen
+    omega_text = _tuned_omega_text(result)
+    if chosen.is_plain:
+        what = (
+            f"No candidate relaxed with [AIM]({PAPER_URL}) beat the plain merge on "
+            f"the eval data, so this is the plain merge ({omega_text})"
+        )
+    else:
+        what = (
+            f"The merge above, relaxed toward base model `{facts['base_model']}` "
+            f"with [AIM]({PAPER_URL}) at {omega_text} ({facts['relaxed']} tensors)"
+        )
+    section = (
+        "\n## Activation-Informed Merging: ω chosen by `mergekit-aim tune`\n\n"
+        f"{what}. ω was chosen among {len(result.rows)} candidates by held-out loss "
+        f"(mean token NLL, nats) on {', '.join(result.base_losses)}; objective: "
+        f"{facts['objective']}. Importance: {facts['source']}.\n\n"
+        f"{_as_aim_block(chosen)}\n\n{result.to_markdown()}\n"
+    )
+    return add_tag(card, "aim").rstrip("\n") + "\n" + section
+
+
+def tune_report(result: Any, facts: dict[str, Any]) -> str:
+    """``aim_tune.md``: the pick and the whole table."""
+    return (
+        f"# mergekit-aim tune\n\nConfig `{facts['config']}`; chosen "
+        f"{_tuned_omega_text(result)}.\n\n{_as_aim_block(result.chosen)}\n\n"
+        f"Held-out loss (mean token NLL, nats; lower is better). Objective: "
+        f"{facts['objective']}.\n\n{result.to_markdown()}\n"
+    )
+
+
+def _as_aim_block(row: Any) -> str:
+    from mergekit_aim.selection import setting_json
+
+    return (
+        "The same ω in a merge config's `aim:` block: "
+        f"`omega: {json.dumps(setting_json(row.setting))}`."
+    )

@@ -232,9 +232,9 @@ def tune(
     omega is ignored. OUT gets the chosen model, aim_tune.json and aim_tune.md.
     """
     from mergekit_aim.errors import AimConfigError
+    from mergekit_aim.tuning import parse_omegas
+    from mergekit_aim.tuning import tune as run_tune
     from mergekit_aim.tuning.evaluation import parse_eval_spec
-    from mergekit_aim.tuning.search import parse_omegas
-    from mergekit_aim.tuning.search import tune as run_tune
 
     _setup_logging(quiet, verbose)
     files: dict[str, Path] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from mergekit.common import ImmutableMap
@@ -25,7 +26,53 @@ from mergekit_aim.selection import Coverage
 LOG = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ResolvedImportance:
+    """A merge config's base model and the artifact its ``aim:`` block names."""
+
+    base_model: Any
+    checkpoint: CheckpointIndex
+    artifact_path: str
+    importance: ImportanceMap
+    source: str
+
+
+def resolve_importance(config: Any, options: Any) -> ResolvedImportance:
+    """The ``aim:`` block's artifact: loaded (``importance:``) or calibrated
+    through the cache (``calibration:``), checked against the base model."""
+    aim: AimConfig = config.aim
+    base_path = config.base_model.merged(
+        cache_dir=options.lora_merge_cache,
+        trust_remote_code=options.trust_remote_code,
+        lora_merge_dtype=options.lora_merge_dtype,
+    ).local_path(cache_dir=options.transformers_cache)
+    checkpoint = read_checkpoint(base_path)
+    if aim.importance is not None:
+        path = resolve_artifact(aim.importance, cache_dir=options.transformers_cache)
+        importance = load_cached(path)
+        source = f"precomputed: {aim.importance}"
+    else:
+        from mergekit_aim.calibration.cache import calibrated_artifact
+
+        path, importance = calibrated_artifact(
+            base_path,
+            checkpoint,
+            aim.calibration,
+            device=aim.calibration.device
+            or options.device
+            or ("cuda" if options.cuda else "cpu"),
+            trust_remote_code=options.trust_remote_code,
+            quiet=options.quiet,
+            base_model_id=str(config.base_model),
+        )
+        source = f"calibrated on {aim.calibration.dataset} (cached at {path})"
+    importance.check_against(checkpoint, source=path)
+    return ResolvedImportance(config.base_model, checkpoint, path, importance, source)
+
+
 class AimMergeSession:
+    """AIM's state for one planning run: the artifact, the rule, the tally."""
+
     def __init__(
         self,
         aim: AimConfig,
@@ -49,52 +96,24 @@ class AimMergeSession:
     @classmethod
     def prepare(cls, config: Any, options: Any) -> AimMergeSession:
         """Resolve and check everything AIM needs; raise before any tensor work."""
-        aim: AimConfig = config.aim
         _check_cpu_kernel_choice()
         wrapper = aim_method(config.merge_method)
-        base_path = config.base_model.merged(
-            cache_dir=options.lora_merge_cache,
-            trust_remote_code=options.trust_remote_code,
-            lora_merge_dtype=options.lora_merge_dtype,
-        ).local_path(cache_dir=options.transformers_cache)
-        checkpoint = read_checkpoint(base_path)
-        if aim.importance is not None:
-            path = resolve_artifact(
-                aim.importance, cache_dir=options.transformers_cache
-            )
-            importance = load_cached(path)
-            source = f"precomputed: {aim.importance}"
-        else:
-            from mergekit_aim.calibration.cache import calibrated_artifact
-
-            path, importance = calibrated_artifact(
-                base_path,
-                checkpoint,
-                aim.calibration,
-                device=aim.calibration.device
-                or options.device
-                or ("cuda" if options.cuda else "cpu"),
-                trust_remote_code=options.trust_remote_code,
-                quiet=options.quiet,
-                base_model_id=str(config.base_model),
-            )
-            source = f"calibrated on {aim.calibration.dataset} (cached at {path})"
-        importance.check_against(checkpoint, source=path)
+        found = resolve_importance(config, options)
         LOG.info(
             "AIM: %s with %s (%d statistics, artifact %s)",
             config.merge_method,
             wrapper.spec.name,
-            len(importance),
-            path,
+            len(found.importance),
+            found.artifact_path,
         )
         return cls(
-            aim,
+            config.aim,
             wrapper.spec.name,
-            config.base_model,
-            checkpoint,
-            path,
-            importance,
-            source,
+            found.base_model,
+            found.checkpoint,
+            found.artifact_path,
+            found.importance,
+            found.source,
         )
 
     def route(self, task: Any, weight: Any, weights_in, models, cfg_reader) -> Any:

@@ -110,7 +110,7 @@ def setting_json(setting: ParameterSetting) -> Any:
         return {"filter": setting.filter, "value": setting_json(setting.value)}
     if isinstance(setting, list):
         return [setting_json(item) for item in setting]
-    return setting
+    return omega_value(setting)
 
 
 def uses_gradient(setting: ParameterSetting) -> bool:

@@ -16,15 +16,15 @@ from click.testing import CliRunner
 from mergekit_aim.errors import AimConfigError, AimError
 from mergekit_aim.importance import ImportanceMap
 from mergekit_aim.offline import apply_aim, relax_checkpoint
-from mergekit_aim.tuning import search as tune_module
-from mergekit_aim.tuning.evaluation import evaluate_loss, read_eval_texts, token_windows
-from mergekit_aim.tuning.search import (
+from mergekit_aim.tuning import (
     TuneResult,
     candidate_tensors,
     omega_grid,
     tune,
     tune_merged,
 )
+from mergekit_aim.tuning import search as tune_module
+from mergekit_aim.tuning.evaluation import evaluate_loss, read_eval_texts, token_windows
 
 CLI = str(Path(sys.executable).with_name("mergekit-aim"))
 SEQ_LEN, BATCH = 32, 4

@@ -1,4 +1,4 @@
-"""Choosing ω: relax one plain merge at several ω and keep the best on held-out text.
+"""The ω search: relax one plain merge at several ω, score each on held-out text.
 
 AIM's ω trades what the merge gained for what the base knew, and the best
 value depends on the models and on what the merged model is for. Relaxation
@@ -23,19 +23,17 @@ data must be held out from anything the choice is later judged on).
 weights, tensors whose name has an ``mlp``, ``feed_forward``, ``ffn`` or
 ``block_sparse_moe`` component, and a second ω for every other relaxed tensor
 (attention projections, norms, the LM head). The grid is every pair of
-candidate values.
+candidate values. A candidate's ω is an ordinary ``aim: {omega: ...}`` setting
+(a filtered list for a split pair, see :func:`mergekit_aim.selection.split_omega`),
+so the pick can be pasted into a merge config and relaxes the same tensors.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import json
 import logging
 import math
 import os
-import re
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,31 +41,34 @@ from typing import Any
 
 import torch
 
-from mergekit_aim.config import PAPER_URL
 from mergekit_aim.errors import AimConfigError
 from mergekit_aim.importance import ImportanceMap
 from mergekit_aim.kernels import omega_value
+from mergekit_aim.selection import (
+    MLP_FILTERS,
+    Selection,
+    is_mlp,
+    layer_positions,
+    setting_json,
+    split_omega,
+)
 from mergekit_aim.tuning.evaluation import (
-    DTYPES,
     check_eval_settings,
-    evaluate_loss,
     load_model,
     load_tokenizer,
     pad_token_id,
-    read_eval_texts,
     sum_nll,
     token_windows,
 )
 
 __all__ = [
+    "DEFAULT_OMEGAS",
+    "OBJECTIVE",
     "TuneResult",
     "TuneRow",
     "candidate_tensors",
-    "evaluate_loss",  # the measure tune scores by, re-exported for its callers
-    "is_mlp",
     "omega_grid",
     "parse_omegas",
-    "tune",
     "tune_merged",
 ]
 
@@ -78,16 +79,6 @@ OBJECTIVE = (
     "mean over eval sets of (L(ω) − L_base) / L_base, L = mean token NLL; "
     "lowest wins, an exact tie goes to the larger ω"
 )
-
-_MLP_MARKER = r"(?:^|\.)(?:mlp|feed_forward|ffn|block_sparse_moe)\."
-MLP_PATTERN = re.compile(_MLP_MARKER)
-# Regexes for relax_checkpoint's ``exclude``: leave the MLP alone / leave
-# everything but the MLP alone / leave everything alone.
-_EXCLUDE_MLP = _MLP_MARKER
-_EXCLUDE_NON_MLP = rf"^(?!.*{_MLP_MARKER})"
-_EXCLUDE_ALL = ""
-_WORK_DIR = ".aim-tune-work"
-
 
 # --------------------------------------------------------------------------
 # Candidates
@@ -132,11 +123,6 @@ def parse_omegas(text: str) -> list[float]:
     return values
 
 
-def is_mlp(name: str) -> bool:
-    """Whether ``name`` is an MLP (feed-forward) tensor for the split ω."""
-    return MLP_PATTERN.search(name) is not None
-
-
 def candidate_tensors(
     base_tensors: Mapping[str, torch.Tensor],
     merged_tensors: Mapping[str, torch.Tensor],
@@ -155,17 +141,19 @@ def candidate_tensors(
     from mergekit_aim.offline import relax
 
     omega_mlp = omega_attention if omega_mlp is None else omega_mlp
+    selection = Selection(split_omega(omega_attention, omega_mlp))
+    positions = layer_positions(merged_tensors)
     result = {}
     for name, merged in merged_tensors.items():
-        omega = omega_mlp if is_mlp(name) else omega_attention
-        if omega >= 1.0:
+        decision = selection.decide(name, name, positions[name])
+        if not decision.relaxed:
             result[name] = merged
             continue
         result[name] = relax(
             base_tensors[name],
             merged,
             importance[name],
-            omega,
+            decision.omega,
             importance.input_axis(name),
         ).to(merged.dtype)
     return result
@@ -193,6 +181,11 @@ class TuneRow:
         return self.omega_attention
 
     @property
+    def setting(self) -> Any:
+        """This candidate's ω as an ``aim: {omega: ...}`` setting."""
+        return split_omega(self.omega_attention, self.omega_mlp)
+
+    @property
     def is_plain(self) -> bool:
         return self.omega_attention >= 1.0 and self.omega_mlp >= 1.0
 
@@ -205,6 +198,7 @@ class TuneRow:
         return {
             "omega_attention": self.omega_attention,
             "omega_mlp": self.omega_mlp,
+            "omega_setting": setting_json(self.setting),
             "losses": self.losses,
             "objective": self.objective,
         }
@@ -314,11 +308,11 @@ def tune_merged(
     base, merged = str(base), str(merged)
     base_ckpt, merged_ckpt = read_checkpoint(base), read_checkpoint(merged)
     imap.check_against(base_ckpt, source=str(importance))
-    patterns = [re.compile(p) for p in exclude]
+    excluding = Selection(1.0, exclude)
     names = [
         n
         for n in sorted(merged_ckpt.tensors)
-        if n in imap and not any(p.search(n) for p in patterns)
+        if n in imap and excluding.excluded_by(n) is None
     ]
     for name in names:
         if base_ckpt.shape(name) != merged_ckpt.shape(name):
@@ -330,7 +324,7 @@ def tune_merged(
     if split_attention_mlp and not any(is_mlp(n) for n in names):
         raise AimConfigError(
             "split_attention_mlp (--split-attention-mlp): no relaxed tensor of "
-            f"{merged} is an MLP tensor (name matching {MLP_PATTERN.pattern!r})"
+            f"{merged} is an MLP tensor (a name containing one of {MLP_FILTERS})"
         )
     if base_losses is not None and set(base_losses) != set(evals):
         raise AimConfigError(
@@ -472,282 +466,3 @@ def _read_tensors(checkpoint: Any, names: Sequence[str]) -> dict[str, torch.Tens
 
 def _rounded(losses: Mapping[str, float]) -> dict[str, float]:
     return {name: round(value, 4) for name, value in losses.items()}
-
-
-# --------------------------------------------------------------------------
-# The `mergekit-aim tune` command
-
-
-def tune(
-    config_path: str | os.PathLike,
-    evals: Mapping[str, str | os.PathLike],
-    out: str | os.PathLike,
-    *,
-    omegas: Sequence[float] = DEFAULT_OMEGAS,
-    split_attention_mlp: bool = False,
-    importance: str | None = None,
-    seq_len: int = 512,
-    batch_size: int = 4,
-    device: str = "cpu",
-    dtype: str = "auto",
-    random_seed: int | None = None,
-    quiet: bool = False,
-) -> TuneResult:
-    """Merge ``config_path`` without AIM, choose ω on ``evals``, write the winner.
-
-    ``evals`` maps eval-set names to ``.txt``/``.jsonl`` files (see
-    :func:`read_eval_texts`). The config needs an ``aim:`` block (its
-    ``importance`` or ``calibration`` and ``exclude`` are used; its ``omega``
-    is ignored) unless ``importance`` names an artifact, which then wins over
-    the block's source. Everything is checked before ``out`` is created; it
-    must not exist or be empty. Writes to ``out``: the chosen model (a full
-    checkpoint with config, tokenizer and a card naming ω), ``aim_tune.json``
-    and ``aim_tune.md``. The plain merge is made in a work directory under
-    ``out`` and removed at the end.
-    """
-    grid = omega_grid(omegas, split_attention_mlp)
-    check_eval_settings(seq_len, batch_size)
-    if dtype not in DTYPES:
-        raise AimConfigError(f"dtype (--dtype) must be one of {DTYPES}; got {dtype!r}")
-    if not evals:
-        raise AimConfigError("give at least one eval set (--eval NAME=FILE)")
-    texts = {str(name): read_eval_texts(path) for name, path in evals.items()}
-    config_path = Path(config_path)
-    raw, plain_config = _read_config(config_path)
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise AimConfigError(f"output directory {out} exists and is not empty")
-    session, options = _prepare_importance(
-        config_path, raw, importance, device=device, quiet=quiet, seed=random_seed
-    )
-    exclude = list(session.aim.exclude)
-
-    created = not out.exists()
-    work = out / _WORK_DIR
-    bars = _quiet_progress_bars() if quiet else contextlib.nullcontext()
-    try:
-        with bars:
-            # Named like ``out``: mergekit titles the model card after the directory.
-            plain = _plain_merge(plain_config, raw, work / out.resolve().name, options)
-            result = tune_merged(
-                session.checkpoint.path,
-                plain,
-                session.importance,
-                texts,
-                sorted({omega for pair in grid for omega in pair}),
-                split_attention_mlp=split_attention_mlp,
-                seq_len=seq_len,
-                batch_size=batch_size,
-                device=device,
-                dtype=dtype,
-                exclude=exclude,
-            )
-            relaxed = _write_chosen(
-                session, plain, result.chosen, out, work, exclude, split_attention_mlp
-            )
-            result.model_dir = out
-            _write_reports(out, plain, result, relaxed, session, config_path, evals)
-    except BaseException:
-        shutil.rmtree(out if created else work, ignore_errors=True)
-        raise
-    shutil.rmtree(work, ignore_errors=True)
-    LOG.info("tune: wrote %s (ω %s)", out, result.chosen.label())
-    return result
-
-
-def _quiet_progress_bars() -> contextlib.AbstractContextManager:
-    from mergekit_aim.demo import quiet_transformers
-
-    return quiet_transformers()
-
-
-def _read_config(path: Path) -> tuple[dict[str, Any], Any]:
-    """The YAML as a dict, and the validated config of the plain merge."""
-    import yaml
-
-    from mergekit_aim.plugin import activate
-
-    activate()
-    from mergekit.config import MergeConfiguration
-    from pydantic import ValidationError
-
-    if not path.is_file():
-        raise AimConfigError(f"merge config {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise AimConfigError(f"merge config {path}: not valid YAML ({error})") from None
-    if not isinstance(raw, dict):
-        raise AimConfigError(f"merge config {path}: expected a mapping at top level")
-    try:
-        MergeConfiguration.model_validate(raw)
-        plain = MergeConfiguration.model_validate(
-            {k: v for k, v in raw.items() if k != "aim"}
-        )
-    except ValidationError as error:
-        raise AimConfigError(f"merge config {path}: {error}") from None
-    if plain.base_model is None:
-        raise AimConfigError(
-            f"merge config {path}: tune needs base_model (AIM relaxes toward it)"
-        )
-    if plain.slices is not None:
-        raise AimConfigError(
-            f"merge config {path}: tune relaxes the plain merge's tensors toward "
-            f"the base tensors of the same name, which slices: may not preserve; "
-            f"use a models: config, or mergekit-aim yaml with a fixed omega"
-        )
-    return raw, plain
-
-
-def _prepare_importance(
-    config_path: Path,
-    raw: Mapping[str, Any],
-    importance: str | None,
-    *,
-    device: str,
-    quiet: bool,
-    seed: int | None,
-) -> tuple[Any, Any]:
-    """The planning session's artifact (loaded, or calibrated through the
-    cache) and the merge options, before anything is written."""
-    from mergekit.config import MergeConfiguration
-    from mergekit.options import MergeOptions
-
-    from mergekit_aim.planning import AimMergeSession
-
-    aim = raw.get("aim")
-    if importance is None and aim is None:
-        raise AimConfigError(
-            f"merge config {config_path} has no aim: block: add one with "
-            f"importance: or calibration: (its omega is ignored by tune), or "
-            f"pass --importance FILE"
-        )
-    if importance is not None:
-        if aim is not None:
-            LOG.info(
-                "tune: --importance %s replaces the aim: block's source", importance
-            )
-        kept = {k: v for k, v in (aim or {}).items() if k == "exclude"}
-        aim = {**kept, "importance": importance}
-    config = MergeConfiguration.model_validate({**raw, "aim": aim})
-    options = MergeOptions(
-        copy_tokenizer=True, quiet=quiet, random_seed=seed, device=device
-    )
-    return AimMergeSession.prepare(config, options), options
-
-
-def _plain_merge(config: Any, raw: Mapping[str, Any], out: Path, options: Any) -> str:
-    import yaml
-    from mergekit.merge import run_merge
-
-    text = yaml.safe_dump({k: v for k, v in raw.items() if k != "aim"}, sort_keys=False)
-    LOG.info("tune: plain merge (%s) into %s", config.merge_method, out)
-    run_merge(config, str(out), options=options, config_source=text)
-    return str(out)
-
-
-def _write_chosen(
-    session: Any,
-    plain: str,
-    chosen: TuneRow,
-    out: Path,
-    work: Path,
-    exclude: Sequence[str],
-    split: bool,
-) -> int:
-    """Write ``relax(plain, chosen ω)`` to ``out`` with ``relax_checkpoint``;
-    returns how many tensors were relaxed.
-
-    A split ω takes two passes, each leaving the other group's tensors byte
-    for byte as they are; at ω = 1 a group is left alone entirely, so the
-    output equals the in-memory candidate exactly.
-    """
-    from mergekit_aim.offline import relax_checkpoint
-
-    if split and chosen.omega_attention != chosen.omega_mlp:
-        groups = [
-            (chosen.omega_attention, [_EXCLUDE_MLP]),
-            (chosen.omega_mlp, [_EXCLUDE_NON_MLP]),
-        ]
-    else:
-        groups = [(chosen.omega_attention, [])]
-    groups = [(omega, patterns) for omega, patterns in groups if omega < 1.0]
-    if not groups:
-        groups = [(1.0, [_EXCLUDE_ALL])]
-    source, relaxed = plain, 0
-    for index, (omega, patterns) in enumerate(groups):
-        target = out if index == len(groups) - 1 else work / f"pass-{index}"
-        report = relax_checkpoint(
-            session.checkpoint.path,
-            source,
-            session.importance,
-            omega,
-            target,
-            exclude=[*exclude, *patterns],
-            source=session.source,
-        )
-        relaxed += int(report["relaxed"])
-        source = str(target)
-    (out / "aim_relax.json").unlink(missing_ok=True)
-    return relaxed
-
-
-def _write_reports(
-    out: Path,
-    plain: str,
-    result: TuneResult,
-    relaxed: int,
-    session: Any,
-    config_path: Path,
-    evals: Mapping[str, str | os.PathLike],
-) -> None:
-    from mergekit_aim.card import _add_tag
-
-    chosen = result.chosen
-    if result.split_attention_mlp:
-        omega_text = (
-            f"ω = {chosen.omega_attention:g} (attention, norms, LM head) and "
-            f"{chosen.omega_mlp:g} (MLP)"
-        )
-    else:
-        omega_text = f"ω = {chosen.omega_attention:g}"
-    if chosen.is_plain:
-        what = (
-            f"No candidate relaxed with [AIM]({PAPER_URL}) beat the plain merge on "
-            f"the eval data, so this is the plain merge ({omega_text})"
-        )
-    else:
-        what = (
-            f"The merge above, relaxed toward base model `{session.base_model}` "
-            f"with [AIM]({PAPER_URL}) at {omega_text} ({relaxed} tensors)"
-        )
-    table = result.to_markdown()
-    section = (
-        "\n## Activation-Informed Merging: ω chosen by `mergekit-aim tune`\n\n"
-        f"{what}. ω was chosen among {len(result.rows)} candidates by held-out loss "
-        f"(mean token NLL, nats) on {', '.join(result.base_losses)}; objective: "
-        f"{OBJECTIVE}. Importance: {session.source}.\n\n{table}\n"
-    )
-    previous = Path(plain) / "README.md"
-    card = previous.read_text(encoding="utf-8") if previous.exists() else ""
-    card = _add_tag(card, "aim")
-    (out / "README.md").write_text(card.rstrip("\n") + "\n" + section, "utf-8")
-
-    report = result.to_json()
-    report.update(
-        config=str(config_path),
-        eval_files={name: str(path) for name, path in evals.items()},
-        importance={"artifact": session.artifact_path, "source": session.source},
-        base_model=str(session.base_model),
-        relaxed_tensors=relaxed,
-        paper=PAPER_URL,
-    )
-    (out / "aim_tune.json").write_text(
-        json.dumps(report, indent=2, default=str) + "\n", "utf-8"
-    )
-    (out / "aim_tune.md").write_text(
-        f"# mergekit-aim tune\n\nConfig `{config_path}`; chosen {omega_text}.\n\n"
-        f"Held-out loss (mean token NLL, nats; lower is better). Objective: "
-        f"{OBJECTIVE}.\n\n{table}\n",
-        "utf-8",
-    )
