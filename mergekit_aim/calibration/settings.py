@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergekit_aim.calibration.data import (
     DEFAULT_BOS_PER_BLOCK,
+    PILE_VAL,
     BosPerBlock,
     bos_per_block_value,
 )
@@ -40,7 +41,7 @@ class CalibrationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field(
-        "pile-val",
+        PILE_VAL,
         description="pile-val | builtin | a local .txt/.jsonl/.parquet | an HF id",
     )
     split: str | None = None
