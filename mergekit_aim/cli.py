@@ -6,15 +6,12 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import get_args
 
 import click
 
 from mergekit_aim.calibration.data import BOS_PER_BLOCK_CHOICES, setting_text
-from mergekit_aim.calibration.settings import (
-    CALIBRATION_DTYPES,
-    FALLBACK_DEVICE,
-    CalibrationConfig,
-)
+from mergekit_aim.calibration.settings import FALLBACK_DEVICE, CalibrationConfig
 from mergekit_aim.errors import AimError
 
 LOG = logging.getLogger("mergekit_aim")
@@ -88,7 +85,7 @@ def calibration_options(func):
             "--dtype",
             default=default("dtype"),
             show_default=True,
-            type=click.Choice(CALIBRATION_DTYPES),
+            type=click.Choice(get_args(fields["dtype"].annotation)),
         ),
         click.option("--trust-remote-code", is_flag=True, default=False),
         click.option(
