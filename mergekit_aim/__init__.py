@@ -12,8 +12,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "ImportanceMap": "mergekit_aim.importance",
-    "calibrate": "mergekit_aim.calibration.collect",
-    "collect_importance": "mergekit_aim.calibration.collect",
+    "calibrate": "mergekit_aim.calibration",
+    "collect_importance": "mergekit_aim.calibration",
+    "CalibrationConfig": "mergekit_aim.calibration",
     "relax": "mergekit_aim.offline",
     "apply_aim": "mergekit_aim.offline",
     "relax_checkpoint": "mergekit_aim.offline",

@@ -6,14 +6,12 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import get_args
 
 import click
 
-from mergekit_aim.calibration.data import (
-    BOS_PER_BLOCK_CHOICES,
-    DEFAULT_BOS_PER_BLOCK,
-    setting_text,
-)
+from mergekit_aim.calibration.data import BOS_PER_BLOCK_CHOICES, setting_text
+from mergekit_aim.calibration.settings import FALLBACK_DEVICE, CalibrationConfig
 from mergekit_aim.errors import AimError
 
 LOG = logging.getLogger("mergekit_aim")
@@ -42,31 +40,57 @@ def main() -> None:
 
 
 def calibration_options(func):
-    """Options shared by `calibrate` and `relax` (when it calibrates)."""
+    """Options shared by `calibrate` and `relax` (when it calibrates).
+
+    Defaults and choices come from CalibrationConfig, the one source of them.
+    """
+    fields = CalibrationConfig.model_fields
+
+    def default(name):
+        return fields[name].default
+
     options = [
         click.option(
             "--dataset",
-            default="pile-val",
+            default=default("dataset"),
             show_default=True,
             help="pile-val | builtin | local .txt/.jsonl/.parquet | HF dataset id",
         ),
-        click.option("--split", default=None, help="dataset split"),
-        click.option("--text-column", default=None, help="column holding the text"),
-        click.option("--num-samples", default=256, show_default=True, type=int),
-        click.option("--seq-len", default=512, show_default=True, type=int),
-        click.option("--seed", default=42, show_default=True, type=int),
-        click.option("--batch-size", default=4, show_default=True, type=int),
-        click.option("--device", default="cpu", show_default=True),
+        click.option("--split", default=default("split"), help="dataset split"),
+        click.option(
+            "--text-column",
+            default=default("text_column"),
+            help="column holding the text",
+        ),
+        click.option(
+            "--num-samples", default=default("num_samples"), show_default=True, type=int
+        ),
+        click.option(
+            "--seq-len", default=default("seq_len"), show_default=True, type=int
+        ),
+        click.option("--seed", default=default("seed"), show_default=True, type=int),
+        click.option(
+            "--batch-size", default=default("batch_size"), show_default=True, type=int
+        ),
+        # CalibrationConfig's device is None ("unset") so that a merge can take
+        # mergekit's own --device/--cuda; this command has no such second
+        # source, so it states the fallback calibrate() would use anyway, and
+        # --help shows it.
+        click.option(
+            "--device",
+            default=default("device") or FALLBACK_DEVICE,
+            show_default=True,
+        ),
         click.option(
             "--dtype",
-            default="auto",
+            default=default("dtype"),
             show_default=True,
-            type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+            type=click.Choice(get_args(fields["dtype"].annotation)),
         ),
         click.option("--trust-remote-code", is_flag=True, default=False),
         click.option(
             "--bos-per-block",
-            default=setting_text(DEFAULT_BOS_PER_BLOCK),
+            default=setting_text(default("bos_per_block")),
             show_default=True,
             type=click.Choice(BOS_PER_BLOCK_CHOICES, case_sensitive=False),
             help="start every block with BOS: auto = when the tokenizer adds one "
@@ -74,13 +98,13 @@ def calibration_options(func):
         ),
         click.option(
             "--max-memory",
-            default=None,
+            default=default("max_memory"),
             help="cap on weight memory per device and CPU (e.g. 8GiB); the rest is "
             "offloaded to disk",
         ),
         click.option(
             "--offload-dir",
-            default=None,
+            default=default("offload_dir"),
             type=click.Path(file_okay=False),
             help="where offloaded weights go (default: a temporary directory)",
         ),
@@ -90,10 +114,19 @@ def calibration_options(func):
     return func
 
 
-def _calibrate(base: str, quiet: bool, **settings):
-    from mergekit_aim.calibration.collect import calibrate
+def _calibrate(base: str, quiet: bool, trust_remote_code: bool, **settings):
+    """Run calibrate() with the calibration options (CalibrationConfig fields)."""
+    from mergekit_aim.calibration import calibrate
+    from mergekit_aim.calibration.settings import calibration_config
 
-    return calibrate(base, quiet=quiet, **settings)
+    # calibration_config validates like CalibrationConfig(**settings), but
+    # reports an invalid option as an AimError (one line, exit status 2).
+    return calibrate(
+        base,
+        calibration_config(**settings),
+        trust_remote_code=trust_remote_code,
+        quiet=quiet,
+    )
 
 
 @main.command()

@@ -16,70 +16,19 @@ instead of a setting that silently does nothing.
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
 from mergekit.config import ParameterSetting
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mergekit_aim.calibration.data import (
-    DEFAULT_BOS_PER_BLOCK,
-    BosPerBlock,
-    bos_per_block_value,
+# The calibration: mapping's model lives with calibration (its defaults are
+# the CLI's and calibrate()'s too); re-exported here as part of the aim: block.
+from mergekit_aim.calibration.settings import (  # noqa: F401
+    CalibrationConfig,
+    CalibrationDtype,
 )
 from mergekit_aim.selection import Selection, check_omega_setting, compile_exclude
 
 DEFAULT_OMEGA = 0.4
 PAPER_URL = "https://arxiv.org/abs/2502.02421"
-
-CalibrationDtype = Literal["auto", "float32", "bfloat16", "float16"]
-
-
-class CalibrationConfig(BaseModel):
-    """How to measure the base model's input activations before merging."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dataset: str = Field(
-        "pile-val",
-        description="pile-val | builtin | a local .txt/.jsonl/.parquet | an HF id",
-    )
-    split: str | None = None
-    text_column: str | None = None
-    num_samples: int = Field(256, ge=1)
-    seq_len: int = Field(512, ge=1)
-    seed: int = 42
-    batch_size: int = Field(4, ge=1)
-    device: str | None = None
-    dtype: CalibrationDtype = "auto"
-    max_memory: str | None = Field(
-        None, description="cap on weight memory per device and CPU, e.g. 8GiB"
-    )
-    offload_dir: str | None = None
-    bos_per_block: BosPerBlock = Field(
-        DEFAULT_BOS_PER_BLOCK,
-        description="start every block with BOS: auto (when the tokenizer adds "
-        "one to every text) | true | false (the paper's packing)",
-    )
-
-    @field_validator("bos_per_block", mode="before")
-    @classmethod
-    def _bos_per_block_choice(cls, value: Any) -> BosPerBlock:
-        # The one rule (data.py), so that YAML, CLI and API accept the same
-        # spellings; pydantic alone would also take 1, "yes" or "on".
-        return bos_per_block_value(value)
-
-    def cache_settings(self) -> dict[str, Any]:
-        """Settings that change the statistic (device and batch size do not)."""
-        return {
-            "dataset": self.dataset,
-            "split": self.split,
-            "text_column": self.text_column,
-            "num_samples": self.num_samples,
-            "seq_len": self.seq_len,
-            "seed": self.seed,
-            "dtype": self.dtype,
-            "bos_per_block": self.bos_per_block,
-        }
 
 
 class AimConfig(BaseModel):

@@ -5,7 +5,8 @@ File format (safetensors):
 * one 1-D float32 tensor per relaxable weight, keyed by that weight's checkpoint
   tensor name, holding the **sum** of |input| per input channel over every
   calibration token the module saw;
-* header metadata (all strings): ``format``, ``format_version``, ``statistic``,
+* header metadata (all strings): ``format``, ``format_version``, ``statistic``
+  (what the sums are of: one of :data:`STATISTICS`; loading refuses others),
   ``counts`` (JSON: tensor name -> tokens summed), ``input_axes`` (JSON: tensor
   name -> the weight axis the channels run along: -1 for Linear ``[out, in]``,
   0 for GPT-2 Conv1D ``[in, out]`` and 1-D norm weights) and ``provenance``
@@ -36,13 +37,18 @@ LOG = logging.getLogger(__name__)
 
 FORMAT = "mergekit-aim.importance"
 FORMAT_VERSION = 1
+# The statistics this version can store and read. Calibration's observer
+# names the one it measures from here; an artifact of any other statistic is
+# refused on load rather than misread as this one.
 STATISTIC = "sum_abs_input_per_channel"
+STATISTICS: tuple[str, ...] = (STATISTIC,)
 
 
 class ImportanceMap(Mapping[str, torch.Tensor]):
     """Per-channel activation sums of a base model, keyed by checkpoint tensor name.
 
     Maps name -> float32 sum vector. ``mean(name)`` divides by the token count.
+    ``statistic`` names what the vectors sum (one of :data:`STATISTICS`).
     Instances are immutable by convention; ``combine`` returns a new map.
     """
 
@@ -52,7 +58,15 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
         counts: Mapping[str, int],
         input_axes: Mapping[str, int],
         provenance: Mapping[str, Any] | None = None,
+        *,
+        statistic: str = STATISTIC,
     ):
+        if statistic not in STATISTICS:
+            raise ImportanceError(
+                f"unknown statistic {statistic!r}; this mergekit-aim supports "
+                f"{', '.join(STATISTICS)}"
+            )
+        self.statistic = statistic
         missing = sorted(set(sums) ^ set(counts)) or sorted(set(sums) ^ set(input_axes))
         if missing:
             raise ImportanceError(
@@ -108,6 +122,11 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
             raise ImportanceError(f"cannot combine: tensors differ, e.g. {diff[:5]}")
         if self.base_fingerprint != other.base_fingerprint:
             raise ImportanceError("cannot combine artifacts of different base models")
+        if self.statistic != other.statistic:
+            raise ImportanceError(
+                f"cannot combine artifacts of different statistics "
+                f"({self.statistic} and {other.statistic})"
+            )
         for name in self:
             if self._axes[name] != other._axes[name]:
                 raise ImportanceError(f"cannot combine: input axis differs for {name}")
@@ -122,6 +141,7 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
             {n: self._counts[n] + other._counts[n] for n in self},
             self._axes,
             provenance,
+            statistic=self.statistic,
         )
 
     # --- file format -------------------------------------------------------
@@ -135,7 +155,7 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
         metadata = {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),
-            "statistic": STATISTIC,
+            "statistic": self.statistic,
             "counts": json.dumps(self._counts, sort_keys=True),
             "input_axes": json.dumps(self._axes, sort_keys=True),
             "provenance": json.dumps(self.provenance, sort_keys=True, default=str),
@@ -179,6 +199,13 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
                 f"{path} has format version {version}; this mergekit-aim reads "
                 f"version {FORMAT_VERSION}"
             )
+        statistic = metadata.get("statistic")
+        if statistic not in STATISTICS:
+            raise ImportanceError(
+                f"{path} holds the statistic {statistic!r}, which this "
+                f"mergekit-aim does not know (it supports "
+                f"{', '.join(STATISTICS)}): refusing to use it as one of those"
+            )
         try:
             counts = json.loads(metadata["counts"])
             axes = json.loads(metadata["input_axes"])
@@ -201,7 +228,7 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
                 raise ImportanceError(f"{path}: token count of {name} is not positive")
         provenance.setdefault("file", os.path.abspath(path))
         provenance["file_sha256"] = _sha256(path)
-        return cls(sums, counts, axes, provenance)
+        return cls(sums, counts, axes, provenance, statistic=statistic)
 
     # --- checks against a base checkpoint -----------------------------------
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mergekit_aim.calibration.collect import collect_importance, find_targets
+from mergekit_aim.calibration.forward import collect_importance
+from mergekit_aim.calibration.targets import find_targets
 from mergekit_aim.checkpoint import read_checkpoint
 from mergekit_aim.errors import CalibrationError
 
@@ -125,21 +126,21 @@ def test_calibrate_measures_blocks_that_start_with_bos(
 ):
     """The tiny tokenizer prepends <s> to every text: auto starts every block
     with it, false is the paper's packing; provenance records which ran."""
-    from mergekit_aim.calibration import collect
+    from mergekit_aim.calibration import calibrate, forward
     from mergekit_aim.tiny import BOS_ID
 
     measured = []
-    original = collect.collect_importance
+    original = forward.collect_importance
 
     def spy(model, blocks, *args, **kwargs):
         measured.append(blocks.clone())
         return original(model, blocks, *args, **kwargs)
 
-    monkeypatch.setattr(collect, "collect_importance", spy)
+    monkeypatch.setattr(forward, "collect_importance", spy)
     base = str(tiny_family("llama").base)
     settings = dict(dataset=str(tiny_text_file), num_samples=48, seq_len=32)
-    auto = collect.calibrate(base, quiet=True, **settings)
-    paper = collect.calibrate(base, quiet=True, bos_per_block="false", **settings)
+    auto = calibrate(base, quiet=True, **settings)
+    paper = calibrate(base, quiet=True, bos_per_block="false", **settings)
     with_bos, without = measured
     assert (with_bos[:, 0] == BOS_ID).all() and (with_bos[:, 1] != BOS_ID).all()
     # Mid-text block starts, as in the paper's code.
@@ -155,7 +156,7 @@ def test_calibrate_measures_blocks_that_start_with_bos(
 
 
 def test_calibrate_refuses_a_bad_bos_per_block_before_loading(tiny_family):
-    from mergekit_aim.calibration.collect import calibrate
+    from mergekit_aim.calibration import calibrate
     from mergekit_aim.errors import AimConfigError
 
     with pytest.raises(AimConfigError, match="^bos_per_block must be auto, true or"):

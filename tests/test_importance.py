@@ -9,7 +9,13 @@ from safetensors.torch import save_file
 
 from mergekit_aim.checkpoint import read_checkpoint
 from mergekit_aim.errors import ImportanceError
-from mergekit_aim.importance import FORMAT, ImportanceMap, load_cached
+from mergekit_aim.importance import (
+    FORMAT,
+    STATISTIC,
+    STATISTICS,
+    ImportanceMap,
+    load_cached,
+)
 
 
 def _map(**provenance):
@@ -110,12 +116,57 @@ def test_bad_vectors_name_the_tensor(tmp_path, tensor, message):
     metadata = {
         "format": FORMAT,
         "format_version": "1",
+        "statistic": STATISTIC,
         "counts": json.dumps({"x.weight": 3}),
         "input_axes": json.dumps({"x.weight": -1}),
     }
     save_file({"x.weight": tensor}, path, metadata=metadata)
     with pytest.raises(ImportanceError, match=f"x.weight.*{message}|{message}"):
         ImportanceMap.load(path)
+
+
+def _rewrite_metadata(path, **changes):
+    """Re-save ``path`` with header metadata keys changed (None: removed)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    for key, value in changes.items():
+        if value is None:
+            metadata.pop(key, None)
+        else:
+            metadata[key] = value
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_saved_artifacts_name_the_statistic_older_versions_wrote(tmp_path):
+    # Artifacts written before the statistic was checked carry this name:
+    # they must stay loadable.
+    assert STATISTIC == "sum_abs_input_per_channel" and STATISTIC in STATISTICS
+    path = _map().save(tmp_path / "imp.safetensors")
+    _rewrite_metadata(path, statistic="sum_abs_input_per_channel")
+    loaded = ImportanceMap.load(path)
+    assert loaded.statistic == STATISTIC
+    assert loaded.save(tmp_path / "again.safetensors")
+    assert ImportanceMap.load(tmp_path / "again.safetensors").statistic == STATISTIC
+
+
+@pytest.mark.parametrize("statistic", ["sum_sq_input_per_channel", "", None])
+def test_unknown_statistic_is_refused(tmp_path, statistic):
+    path = _map().save(tmp_path / "imp.safetensors")
+    _rewrite_metadata(path, statistic=statistic)
+    with pytest.raises(ImportanceError) as error:
+        ImportanceMap.load(path)
+    message = str(error.value)
+    assert str(path) in message
+    assert repr(statistic) in message
+    assert "sum_abs_input_per_channel" in message
+
+
+def test_maps_of_unknown_statistics_cannot_be_built():
+    with pytest.raises(ImportanceError, match="unknown statistic 'other'"):
+        ImportanceMap({}, {}, {}, statistic="other")
 
 
 def test_check_against_accepts_its_base(tmp_path):

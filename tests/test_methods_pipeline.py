@@ -8,7 +8,7 @@ import yaml
 from checkpoint_files import load_dir
 from test_method import METHODS, PAIRWISE, reference
 
-from mergekit_aim.calibration.collect import collect_importance
+from mergekit_aim.calibration import collect_importance
 from mergekit_aim.checkpoint import read_checkpoint
 
 PARAMETERS = {"weight": 0.6, "density": 0.7, "t": 0.3}

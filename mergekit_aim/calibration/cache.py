@@ -16,8 +16,9 @@ import json
 import logging
 
 from mergekit_aim.cache_location import cache_dir
+from mergekit_aim.calibration import calibrate, calibration_blocks
+from mergekit_aim.calibration.settings import CalibrationConfig
 from mergekit_aim.checkpoint import CheckpointIndex
-from mergekit_aim.config import CalibrationConfig
 from mergekit_aim.errors import ImportanceError
 from mergekit_aim.importance import FORMAT_VERSION, ImportanceMap, load_cached
 
@@ -48,25 +49,18 @@ def calibrated_artifact(
     base_model_id: str | None = None,
 ) -> tuple[str, ImportanceMap]:
     """Path and map of the cached artifact for these settings, computing it if
-    the cache has no valid entry."""
-    from transformers import AutoTokenizer
+    the cache has no valid entry.
 
-    from mergekit_aim.calibration.collect import calibrate
-    from mergekit_aim.calibration.data import build_blocks
+    The blocks are built once: their fingerprint is part of the key, and a
+    miss measures those same blocks through :func:`calibrate` on ``device``.
+    """
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
         base_path, trust_remote_code=trust_remote_code
     )
-    blocks = build_blocks(
-        settings.dataset,
-        tokenizer,
-        num_samples=settings.num_samples,
-        seq_len=settings.seq_len,
-        seed=settings.seed,
-        split=settings.split,
-        text_column=settings.text_column,
-        trust_remote_code=trust_remote_code,
-        bos_per_block=settings.bos_per_block,
+    blocks = calibration_blocks(
+        settings, tokenizer, trust_remote_code=trust_remote_code
     )
     key = cache_key(
         checkpoint.fingerprint, settings.cache_settings(), blocks.fingerprint
@@ -91,22 +85,11 @@ def calibrated_artifact(
     )
     importance = calibrate(
         base_path,
+        settings.model_copy(update={"device": device}),
         tokenizer=tokenizer,
         blocks=blocks,
-        dataset=settings.dataset,
-        split=settings.split,
-        text_column=settings.text_column,
-        num_samples=settings.num_samples,
-        seq_len=settings.seq_len,
-        seed=settings.seed,
-        batch_size=settings.batch_size,
-        device=device,
-        dtype=settings.dtype,
         trust_remote_code=trust_remote_code,
         quiet=quiet,
-        max_memory=settings.max_memory,
-        offload_dir=settings.offload_dir,
-        bos_per_block=settings.bos_per_block,
     )
     if base_model_id:
         importance.provenance["base_model"] = base_model_id

@@ -71,10 +71,10 @@ _FILE_LIKE_SUFFIXES = frozenset(
     {*LOCAL_SUFFIXES, ".json", ".csv", ".tsv", ".arrow", ".md", ".text"}
     | {".gz", ".bz2", ".xz", ".zst", ".zip", ".tar"}
 )
-# ``bos_per_block``: "auto", or a boolean. The default lives here, beside the
-# packing it governs, so that the CLI, ``calibrate()`` and the ``aim:`` block
-# (CalibrationConfig) all name this one value; config.py is too heavy an
-# import (mergekit, torch) for the CLI's option table and this module.
+# ``bos_per_block``: "auto", or a boolean. Its default is stated here, beside
+# the packing it governs, for CalibrationConfig (calibration/settings.py) to
+# take; everything else reads it from there. build_blocks keeps it as its own
+# keyword default because settings.py imports this module.
 BosPerBlock = Literal["auto"] | bool
 DEFAULT_BOS_PER_BLOCK: BosPerBlock = "auto"
 BOS_PER_BLOCK_CHOICES = ("auto", "true", "false")
@@ -117,9 +117,9 @@ def build_blocks(
     dataset: str,
     tokenizer: Any,
     *,
-    num_samples: int = 256,
-    seq_len: int = 512,
-    seed: int = 42,
+    num_samples: int | None = None,
+    seq_len: int | None = None,
+    seed: int | None = None,
     split: str | None = None,
     text_column: str | None = None,
     trust_remote_code: bool = False,
@@ -132,8 +132,19 @@ def build_blocks(
     every block starts with the tokenizer's BOS. Fewer than ``num_samples``
     usable texts logs a warning and continues; no full block raises
     CalibrationDataError, as do unreadable data and invalid settings (an
-    invalid ``bos_per_block`` raises AimConfigError).
+    invalid ``bos_per_block`` raises AimConfigError). ``num_samples``,
+    ``seq_len`` and ``seed`` left at None take CalibrationConfig's defaults.
     """
+    # Imported here: settings.py imports this module for the BOS rule.
+    from mergekit_aim.calibration.settings import CalibrationConfig
+
+    defaults = CalibrationConfig.model_fields
+    if num_samples is None:
+        num_samples = defaults["num_samples"].default
+    if seq_len is None:
+        seq_len = defaults["seq_len"].default
+    if seed is None:
+        seed = defaults["seed"].default
     _check_positive("num_samples", num_samples)
     _check_positive("seq_len", seq_len)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):

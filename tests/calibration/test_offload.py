@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from mergekit_aim.calibration import collect, host_memory
+from mergekit_aim.calibration import calibrate, host_memory
+from mergekit_aim.calibration.loading import load_base_model
 
 
 def _settings(dataset):
@@ -20,14 +21,14 @@ def test_capped_calibration_with_offload_equals_uncapped(
 ):
     base = tiny_family("llama").base
     # Cap below two layers: most of the model goes to disk and is streamed in.
-    model = collect.load_base_model(
+    model = load_base_model(
         str(base), max_memory="64KiB", offload_dir=str(tmp_path / "load")
     )
     assert "disk" in set(model.hf_device_map.values())
     del model
 
-    uncapped = collect.calibrate(str(base), quiet=True, **_settings(tiny_text_file))
-    capped = collect.calibrate(
+    uncapped = calibrate(str(base), quiet=True, **_settings(tiny_text_file))
+    capped = calibrate(
         str(base),
         quiet=True,
         max_memory="64KiB",

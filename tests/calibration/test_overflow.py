@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergekit_aim.calibration import collect, distributed
-from mergekit_aim.calibration.collect import calibrate, collect_importance
+from mergekit_aim.calibration import calibrate, collect_importance, distributed
+from mergekit_aim.calibration.targets import find_targets
 from mergekit_aim.errors import CalibrationError
 from mergekit_aim.tiny import save_checkpoint, tiny_model
 
@@ -145,9 +145,7 @@ def test_non_finite_sum_from_another_rank_is_an_error_on_this_one(
 
     def other_rank_overflowed(sums, rows, channels):
         reduced, totals = reduce(sums, rows, channels)
-        index = [t.module_name for t in collect.find_targets(model)[0]].index(
-            OVERFLOWING
-        )
+        index = [t.module_name for t in find_targets(model)[0]].index(OVERFLOWING)
         reduced = list(reduced)
         reduced[index] = reduced[index] + float("inf")
         return reduced, totals
@@ -161,9 +159,9 @@ def test_merge_time_calibration_caches_nothing(
     overflowing, tiny_text_file, tmp_path, monkeypatch
 ):
     """The aim: block's calibration raises the same error and leaves no entry."""
+    from mergekit_aim.calibration import CalibrationConfig
     from mergekit_aim.calibration.cache import calibrated_artifact
     from mergekit_aim.checkpoint import read_checkpoint
-    from mergekit_aim.config import CalibrationConfig
 
     monkeypatch.setenv("MERGEKIT_AIM_CACHE", str(tmp_path))
     settings = CalibrationConfig(dtype="float16", **_settings(tiny_text_file))

@@ -58,7 +58,7 @@ def test_uncapped_calibration_measures_every_weight_but_the_embedding(uncapped, 
 def test_capped_calibration_with_disk_offload_equals_uncapped(
     uncapped, gemma3, tmp_path
 ):
-    from mergekit_aim.calibration.collect import load_base_model
+    from mergekit_aim.calibration.loading import load_base_model
 
     # The cap really sends weights to disk (what the CLI run below loads).
     model = load_base_model(

@@ -1,0 +1,117 @@
+"""Loading the base model for calibration: device placement, dtype, offload.
+
+:func:`load_base_model` puts a causal LM on one device (or spreads it with
+``device="auto"``) in the calibration dtype, optionally capping the memory its
+weights may occupy and streaming the rest from disk; the host-memory side of
+that is :mod:`mergekit_aim.calibration.host_memory`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from mergekit_aim.calibration import host_memory
+from mergekit_aim.calibration.settings import (
+    CALIBRATION_DTYPES,
+    FALLBACK_DEVICE,
+    CalibrationConfig,
+)
+from mergekit_aim.errors import CalibrationError
+
+
+def _resolve_dtype(dtype: str, device: str) -> Any:
+    if dtype in (None, "auto"):
+        # fp32 on CPU (fast and exact there); the checkpoint's dtype elsewhere.
+        return torch.float32 if device.startswith("cpu") else "auto"
+    try:
+        return {
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }[dtype]
+    except KeyError:
+        raise CalibrationError(
+            f"dtype must be one of {', '.join(CALIBRATION_DTYPES)}; got {dtype!r}"
+        ) from None
+
+
+def load_base_model(
+    path: str,
+    *,
+    device: str = FALLBACK_DEVICE,
+    dtype: str = CalibrationConfig.model_fields["dtype"].default,
+    trust_remote_code: bool = False,
+    max_memory: str | None = None,
+    offload_dir: str | None = None,
+) -> nn.Module:
+    """Load a causal LM for calibration on ``device``.
+
+    ``max_memory`` (e.g. "4GiB") caps what the weights may occupy on the
+    device and in CPU memory; accelerate's big-model inference places the
+    rest on disk and streams it in layer by layer. accelerate keeps one layer's
+    worth of the cap free for the layer being streamed, so resident plus
+    streamed weights stay within the cap. Weights kept "on disk" are read from
+    the model's own safetensors files when it has them (nothing is copied);
+    ``offload_dir`` holds only weights that must be rewritten (other formats,
+    converted weights). ``device="auto"`` lets accelerate spread the model over
+    all devices.
+
+    Loading a capped model still reads every tensor once (transformers
+    materializes the offloaded ones too, then drops them), through a memory
+    map of the checkpoint: the pages it touches would stay in this process's
+    resident set until the map closes, as much as the whole checkpoint. While
+    it loads, those pages are handed back to the page cache as they are read.
+    Streaming allocates and frees a layer's weights every forward pass; glibc
+    would keep much of that in its heap (its mmap threshold adapts upwards to
+    the sizes freed), so capped runs have large blocks mapped and unmapped
+    directly. Both are in :mod:`mergekit_aim.calibration.host_memory`. The
+    peak is then about the cap plus the fixed cost of a run.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {}
+    if max_memory is not None:
+        compute = "cpu" if device.startswith("cpu") else _device_index(device)
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = {compute: max_memory, "cpu": max_memory}
+        kwargs["offload_folder"] = offload_dir or _default_offload_dir()
+    else:
+        kwargs["device_map"] = "auto" if device == "auto" else {"": device}
+    if max_memory is not None:
+        host_memory.return_large_frees()
+    release = (
+        host_memory.release_mapped_pages(host_memory.checkpoint_files(path))
+        if max_memory is not None
+        else contextlib.nullcontext()
+    )
+    try:
+        with release:
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                dtype=_resolve_dtype(dtype, device),
+                trust_remote_code=trust_remote_code,
+                **kwargs,
+            )
+    except Exception as error:
+        raise CalibrationError(
+            f"could not load base model {path} as a causal LM for calibration: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    if max_memory is not None:
+        host_memory.trim_heap()
+    return model
+
+
+def _device_index(device: str) -> Any:
+    parsed = torch.device(device)
+    return parsed.index if parsed.index is not None else 0
+
+
+def _default_offload_dir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="mergekit-aim-offload-")
