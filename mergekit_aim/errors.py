@@ -24,3 +24,11 @@ class CalibrationDataError(AimError, RuntimeError):
 
 class CalibrationError(AimError, RuntimeError):
     """The base model could not be calibrated (loading, hooks, forward)."""
+
+
+class TextFileError(AimConfigError, CalibrationDataError):
+    """A text file given as calibration or eval data cannot be read.
+
+    Both an invalid argument and unreadable calibration data, so that the
+    handlers of either catch it.
+    """

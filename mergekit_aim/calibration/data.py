@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from mergekit_aim.errors import AimConfigError, CalibrationDataError
+from mergekit_aim.errors import AimConfigError, CalibrationDataError, TextFileError
 
 if TYPE_CHECKING:
     import datasets
@@ -408,7 +408,9 @@ def _local_rows(path: Path, dataset: str) -> datasets.Dataset:
 
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return datasets.Dataset.from_dict({"text": _txt_documents(path)})
+        return datasets.Dataset.from_dict(
+            {"text": read_txt_documents(path, "calibration file")}
+        )
     builder = "json" if suffix == ".jsonl" else "parquet"
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
@@ -424,14 +426,22 @@ def _local_rows(path: Path, dataset: str) -> datasets.Dataset:
         ) from error
 
 
-def _txt_documents(path: Path) -> list[str]:
-    """Documents of a text file: blocks separated by blank lines."""
+def read_txt_documents(path: str | os.PathLike, role: str) -> list[str]:
+    """The documents of a ``.txt`` file: its paragraphs (see :func:`paragraphs`).
+
+    The one reader of text files, for calibration data and eval sets alike;
+    ``role`` ("calibration file", "eval file") names the file in errors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise TextFileError(f"{role} {str(path)!r} {what}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise CalibrationDataError(
-            f"calibration file {str(path)!r} is not UTF-8 text ({error})"
-        ) from error
+        raise TextFileError(
+            f"{role} {str(path)!r} is not UTF-8 text ({error})"
+        ) from None
     return paragraphs(text)
 
 

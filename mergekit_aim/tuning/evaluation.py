@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from mergekit_aim.calibration.data import paragraphs
-from mergekit_aim.errors import AimConfigError
+from mergekit_aim.calibration.data import read_txt_documents
+from mergekit_aim.errors import AimConfigError, TextFileError
 
 EVAL_SUFFIXES = (".txt", ".jsonl")
 TEXT_FIELD = "text"
@@ -50,23 +50,20 @@ def read_eval_texts(path: str | os.PathLike) -> list[str]:
     per non-empty line, the document in its ``text`` field.
     """
     path = Path(path)
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
-        raise AimConfigError(f"eval file {str(path)!r} {what}")
     suffix = path.suffix.lower()
-    if suffix not in EVAL_SUFFIXES:
+    if path.is_file() and suffix not in EVAL_SUFFIXES:
         raise AimConfigError(
             f"eval file {str(path)!r}: expected a {' or '.join(EVAL_SUFFIXES)} file"
         )
-    try:
-        content = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise AimConfigError(
-            f"eval file {str(path)!r} is not UTF-8 text ({error})"
-        ) from None
-    if suffix == ".txt":
-        texts = paragraphs(content)
+    if suffix == ".txt" or not path.is_file():
+        texts = read_txt_documents(path, "eval file")
     else:
+        try:
+            content = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise TextFileError(
+                f"eval file {str(path)!r} is not UTF-8 text ({error})"
+            ) from None
         texts = [_jsonl_text(path, n, line) for n, line in _lines(content)]
     texts = [text for text in texts if text]
     if not texts:
