@@ -11,7 +11,11 @@ from typing import get_args
 import click
 
 from mergekit_aim.calibration.data import BOS_PER_BLOCK_CHOICES, setting_text
-from mergekit_aim.calibration.settings import FALLBACK_DEVICE, CalibrationConfig
+from mergekit_aim.calibration.settings import (
+    CALIBRATION_DTYPES,
+    FALLBACK_DEVICE,
+    CalibrationConfig,
+)
 from mergekit_aim.errors import AimError
 
 LOG = logging.getLogger("mergekit_aim")
@@ -238,7 +242,7 @@ def relax(
     "--dtype",
     default="auto",
     show_default=True,
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    type=click.Choice(CALIBRATION_DTYPES),
     help="evaluation dtype (auto: float32 on CPU, the checkpoint's elsewhere)",
 )
 @click.option("--seq-len", default=512, show_default=True, type=int)

@@ -23,7 +23,9 @@ from mergekit_aim.calibration.settings import (
 from mergekit_aim.errors import CalibrationError
 
 
-def _resolve_dtype(dtype: str, device: str) -> Any:
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """The ``torch_dtype`` to load with for a ``--dtype`` choice on ``device``
+    (the rule for calibration and for evaluation alike)."""
     if dtype in (None, "auto"):
         # fp32 on CPU (fast and exact there); the checkpoint's dtype elsewhere.
         return torch.float32 if device.startswith("cpu") else "auto"
@@ -92,7 +94,7 @@ def load_base_model(
         with release:
             model = AutoModelForCausalLM.from_pretrained(
                 path,
-                dtype=_resolve_dtype(dtype, device),
+                dtype=resolve_dtype(dtype, device),
                 trust_remote_code=trust_remote_code,
                 **kwargs,
             )

@@ -22,7 +22,11 @@ from typing import Any
 from mergekit_aim.config import PAPER_URL
 from mergekit_aim.errors import AimConfigError
 from mergekit_aim.selection import Selection
-from mergekit_aim.tuning.evaluation import DTYPES, check_eval_settings, read_eval_texts
+from mergekit_aim.tuning.evaluation import (
+    check_dtype,
+    check_eval_settings,
+    read_eval_texts,
+)
 from mergekit_aim.tuning.search import (
     DEFAULT_OMEGAS,
     OBJECTIVE,
@@ -65,8 +69,7 @@ def tune(
     """
     grid = omega_grid(omegas, split_attention_mlp)
     check_eval_settings(seq_len, batch_size)
-    if dtype not in DTYPES:
-        raise AimConfigError(f"dtype (--dtype) must be one of {DTYPES}; got {dtype!r}")
+    check_dtype(dtype)
     if not evals:
         raise AimConfigError("give at least one eval set (--eval NAME=FILE)")
     texts = {str(name): read_eval_texts(path) for name, path in evals.items()}

@@ -17,11 +17,13 @@ from typing import Any
 import torch
 
 from mergekit_aim.calibration.data import read_txt_documents
+from mergekit_aim.calibration.settings import CALIBRATION_DTYPES
 from mergekit_aim.errors import AimConfigError, TextFileError
 
 EVAL_SUFFIXES = (".txt", ".jsonl")
 TEXT_FIELD = "text"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Models are scored in the dtypes they can be calibrated in, by the same rule.
+DTYPES = CALIBRATION_DTYPES
 _EVAL_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
@@ -237,16 +239,20 @@ def load_tokenizer(path: str) -> Any:
         ) from None
 
 
+def check_dtype(dtype: str) -> None:
+    """Refuse an evaluation dtype that is not one of :data:`DTYPES`."""
+    if dtype not in DTYPES:
+        raise AimConfigError(f"dtype (--dtype) must be one of {DTYPES}; got {dtype!r}")
+
+
 def load_model(path: str, *, device: str = "cpu", dtype: str = "auto") -> Any:
     """A causal LM from a checkpoint directory, in eval mode, for scoring."""
     from transformers import AutoModelForCausalLM
 
-    if dtype not in DTYPES:
-        raise AimConfigError(f"dtype (--dtype) must be one of {DTYPES}; got {dtype!r}")
-    if dtype == "auto":
-        torch_dtype: Any = torch.float32 if device.startswith("cpu") else "auto"
-    else:
-        torch_dtype = getattr(torch, dtype)
+    from mergekit_aim.calibration.loading import resolve_dtype
+
+    check_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, device_map={"": device}
