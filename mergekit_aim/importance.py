@@ -227,7 +227,7 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
             if int(counts[name]) <= 0:
                 raise ImportanceError(f"{path}: token count of {name} is not positive")
         provenance.setdefault("file", os.path.abspath(path))
-        provenance["file_sha256"] = _sha256(path)
+        provenance["file_sha256"] = file_sha256(path)
         return cls(sums, counts, axes, provenance, statistic=statistic)
 
     # --- checks against a base checkpoint -----------------------------------
@@ -303,7 +303,8 @@ def _layerless(name: str) -> str:
     return _DIGITS.sub(".#.", name)
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
