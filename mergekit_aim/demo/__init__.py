@@ -2,11 +2,13 @@
 
 Everything is built on the spot from the ``builtin`` corpus: a tokenizer, a
 small Llama base trained from scratch on mixed text (prose, code, math), and
-two experts fine-tuned from it, one on prose and one on code. The base is
-calibrated on ``builtin``, the experts are merged with TIES through mergekit's
-own pipeline twice (plain, and with an ``aim:`` block), and every model is
-scored by held-out loss on each domain (mean token NLL, as ``mergekit-aim
-tune`` scores it: :func:`mergekit_aim.tuning.evaluation.evaluate_loss`). Math is in no
+two experts fine-tuned from it, one on prose and one on code (the builders
+are in :mod:`mergekit_aim.demo.models`). The base is calibrated on
+``builtin``, the experts are merged with TIES through mergekit's own pipeline
+twice (plain, and with an ``aim:`` block;
+:func:`mergekit_aim.plugin.run_yaml_merge`), and every model is scored by
+held-out loss on each domain (mean token NLL, as ``mergekit-aim tune`` scores
+it: :func:`mergekit_aim.tuning.evaluation.evaluate_loss`). Math is in no
 expert's fine-tuning data: its column shows how much of what only the base was
 taught survives.
 
