@@ -37,10 +37,11 @@ from pathlib import Path
 import torch
 
 try:
-    from benchmarks import common, real_models
+    from benchmarks import common, real_models, synthetic
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     import common
     import real_models
+    import synthetic
 
 LOG = logging.getLogger("benchmarks.memory")
 
@@ -63,18 +64,12 @@ def write_model(shape: common.LlamaShape, directory: Path) -> tuple[Path, int]:
     """Checkpoint, config and tokenizer of a random Llama; returns (dir, params)."""
     from safetensors.torch import save_file
 
-    from mergekit_aim import tiny
+    from mergekit_aim.demo.models import train_tokenizer, vocabulary_settings
 
-    tokenizer = tiny.train_tokenizer(
-        tiny.generate_sentences(2000, seed=0), vocab_size=shape.vocab
+    tokenizer = train_tokenizer(
+        synthetic.generate_sentences(2000, seed=0), vocab_size=shape.vocab
     )
-    config = common.llama_config(
-        shape,
-        vocab_size=len(tokenizer),
-        bos_token_id=tiny.BOS_ID,
-        eos_token_id=tiny.EOS_ID,
-        pad_token_id=tiny.PAD_ID,
-    )
+    config = common.llama_config(shape, **vocabulary_settings(len(tokenizer)))
     shape = common.LlamaShape(**{**asdict(shape), "vocab": len(tokenizer)})
     state = common.random_llama_state(shape, torch.Generator().manual_seed(0))
     directory.mkdir(parents=True)
@@ -106,9 +101,7 @@ def write_text(path: Path) -> Path:
     """A JSON-lines calibration set: rows of a few sentences (~60 tokens)."""
     import json
 
-    from mergekit_aim import tiny
-
-    sentences = tiny.generate_sentences(3000, seed=1)
+    sentences = synthetic.generate_sentences(3000, seed=1)
     rows = [" ".join(sentences[i : i + 6]) for i in range(0, len(sentences), 6)]
     path.write_text("".join(json.dumps({"text": row}) + "\n" for row in rows))
     return path

@@ -21,7 +21,7 @@ per-round ratios, each AIM run next to its plain run in time). Results go to
 
 ``--model smollm2-135m|gemma3-270m`` merges a real pretrained checkpoint
 (``benchmarks.real_models.ensure``) and two variants made from it
-deterministically (``mergekit_aim.tiny.finetune_variant``: every parameter plus
+deterministically (``benchmarks.synthetic.finetune_variant``: every parameter plus
 seeded noise of ``VARIANT_SCALE`` times its RMS, saved as bf16 checkpoints and
 cached under ``benchmarks/results/cache/``, which git ignores). Results go to
 ``DIR/merge_overhead-<model>[-cuda][-quick].{json,md}``. ``--cuda`` runs only
@@ -45,10 +45,11 @@ from pathlib import Path
 import torch
 
 try:
-    from benchmarks import common, real_models
+    from benchmarks import common, real_models, synthetic
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     import common
     import real_models
+    import synthetic
 
 LOG = logging.getLogger("benchmarks.merge_overhead")
 OMEGA = 0.4
@@ -97,8 +98,6 @@ def real_variants(base: Path, cache: Path) -> list[Path]:
 
     from transformers import AutoModelForCausalLM
 
-    from mergekit_aim.tiny import finetune_variant
-
     try:
         base_key = json.loads((base / ".provisioned.json").read_text())["key"]
     except (OSError, ValueError, KeyError):
@@ -114,7 +113,7 @@ def real_variants(base: Path, cache: Path) -> list[Path]:
         if not done or base_key is None:
             if model is None:
                 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-            variant = finetune_variant(model, seed=seed, scale=VARIANT_SCALE)
+            variant = synthetic.finetune_variant(model, seed=seed, scale=VARIANT_SCALE)
             shutil.rmtree(target, ignore_errors=True)
             variant.save_pretrained(target)
             (target / "variant.json").write_text(json.dumps(marker) + "\n")
@@ -361,7 +360,7 @@ def markdown(info, setting, rows, quick: bool) -> str:
             f"{s['layers']} layers, hidden {s['hidden']}, vocab {s['vocab']}), "
             f"{setting['params'] / 1e6:.0f}M parameters per checkpoint, bf16 "
             f"safetensors; base + 2 variants (every parameter + seeded noise of "
-            f"{setting['variant_scale']:g} × its RMS, `tiny.finetune_variant`)"
+            f"{setting['variant_scale']:g} × its RMS, `synthetic.finetune_variant`)"
         )
     else:
         models = (

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -57,6 +59,27 @@ def activate() -> None:
 def is_active() -> bool:
     config = sys.modules.get("mergekit.config")
     return bool(config is not None and getattr(config, _PATCHED, False))
+
+
+def run_yaml_merge(config_text: str, out: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Merge in-process as ``mergekit-yaml CONFIG OUT`` would, plugin active.
+
+    ``config_text`` is the YAML of a mergekit config (with or without an
+    ``aim:`` block); the tokenizer is copied and mergekit's own progress output
+    is quiet. ``seed`` is mergekit's ``--random-seed`` (DARE's drop masks).
+    Returns ``out`` as a Path.
+    """
+    import yaml
+
+    activate()
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    config = MergeConfiguration.model_validate(yaml.safe_load(config_text))
+    options = MergeOptions(copy_tokenizer=True, quiet=True, random_seed=seed)
+    run_merge(config, str(out), options=options, config_source=config_text)
+    return Path(out)
 
 
 # --- mergekit.config ---------------------------------------------------------

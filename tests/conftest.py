@@ -62,7 +62,7 @@ def isolated_caches(pytestconfig: pytest.Config) -> Iterator[dict[str, str]]:
 @pytest.fixture(scope="session")
 def tiny_text() -> list[str]:
     """400 seeded English-like sentences (≈5,000 tokens with ``tiny_tokenizer``)."""
-    from mergekit_aim.tiny import generate_sentences
+    from benchmarks.synthetic import generate_sentences
 
     return generate_sentences(400, seed=0)
 
@@ -81,9 +81,11 @@ def tiny_text_file(
 def tiny_tokenizer(tiny_text: list[str]) -> Any:
     """A byte-level BPE tokenizer trained on ``tiny_text`` (BOS-prepending, chat
     template, ids 0–3 = ``<pad> <s> </s> <unk>``)."""
-    from mergekit_aim.tiny import train_tokenizer
+    from fixtures.tiny_models import CHAT_TEMPLATE
 
-    return train_tokenizer(tiny_text, vocab_size=1024)
+    from mergekit_aim.demo.models import train_tokenizer
+
+    return train_tokenizer(tiny_text, vocab_size=1024, chat_template=CHAT_TEMPLATE)
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +98,7 @@ def tiny_family(
     and two perturbed variants ``ft_a/``, ``ft_b/`` (float32 safetensors with
     config and tokenizer). Treat the directories as read-only.
     """
-    from mergekit_aim.tiny import FAMILIES, build_family
+    from fixtures.tiny_models import FAMILIES, build_family
 
     built: dict[str, Any] = {}
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from benchmarks import calibration, common, gpu_check, memory, merge_overhead
-from mergekit_aim import tiny
+from mergekit_aim.demo.models import BOS_ID
 
 TINY = common.LlamaShape(64, 128, 2, 4, 2, 256)
 
@@ -77,7 +77,7 @@ def test_calibration_real_path_on_a_checkpoint(tiny_family, tiny_text_file):
     setting = {"model": "tiny-llama", **extra["setting"]}
     assert setting["tokens"] == 128 and setting["max_rel_diff_ours_vs_paper"] < 1e-5
     blocks = calibration.real_blocks(base, 2, 64, True, text)
-    assert blocks.shape == (2, 64) and (blocks[:, 0] == tiny.BOS_ID).all()
+    assert blocks.shape == (2, 64) and (blocks[:, 0] == BOS_ID).all()
     ratios = calibration.derived(extra["times"], plan.batch)
     text = calibration.markdown(common.machine_info(), setting, rows, ratios, [], False)
     assert "tiny-llama (LlamaForCausalLM" in text and "Scaling" not in text

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_files import load_dir
+from fixtures.checkpoint_files import load_dir
 
 from mergekit_aim.importance import ImportanceMap
 

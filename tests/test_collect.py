@@ -127,7 +127,7 @@ def test_calibrate_measures_blocks_that_start_with_bos(
     """The tiny tokenizer prepends <s> to every text: auto starts every block
     with it, false is the paper's packing; provenance records which ran."""
     from mergekit_aim.calibration import calibrate, forward
-    from mergekit_aim.tiny import BOS_ID
+    from mergekit_aim.demo.models import BOS_ID
 
     measured = []
     original = forward.collect_importance

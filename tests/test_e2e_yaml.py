@@ -13,25 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from checkpoint_files import load_dir
-from native_compiler import needs_compiler
+from fixtures.checkpoint_files import load_dir
+from fixtures.native_compiler import needs_compiler
+from fixtures.reference import aim_expected
 
 from mergekit_aim.importance import ImportanceMap
 
 pytestmark = pytest.mark.slow
 
 MERGEKIT_YAML = str(Path(sys.executable).with_name("mergekit-yaml"))
-
-
-def reference(base, merged, statistic, omega, axis):
-    s = statistic.double() / statistic.double().max()
-    factor = 1 - s * (1 - omega)
-    if base.ndim > 1:
-        shape = [1] * base.ndim
-        shape[axis] = -1
-        factor = factor.reshape(shape)
-    b, m = base.double(), merged.double()
-    return (b + (m - b) * factor).to(merged.dtype)
 
 
 def run_yaml(config, out, *extra, check=True, env=None):
@@ -86,7 +76,7 @@ def assert_aim_matches_formula(family, plain_dir, aim_dir, artifact, omega):
     changed = 0
     for name, merged in plain.items():
         if name in imap:
-            expected = reference(
+            expected = aim_expected(
                 base[name], merged, imap[name], omega, imap.input_axis(name)
             )
             torch.testing.assert_close(relaxed[name], expected, rtol=1e-5, atol=1e-6)
@@ -298,10 +288,10 @@ def test_slices_use_the_base_layer_statistic(tiny_family, tiny_text_file, tmp_pa
     imap = ImportanceMap.load(artifact)
     name = "model.layers.0.mlp.down_proj.weight"
     source = "model.layers.1.mlp.down_proj.weight"
-    expected = reference(base[source], plain[name], imap[source], 0.0, -1)
+    expected = aim_expected(base[source], plain[name], imap[source], 0.0, -1)
     torch.testing.assert_close(relaxed[name], expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(
-        relaxed[name], reference(base[source], plain[name], imap[name], 0.0, -1)
+        relaxed[name], aim_expected(base[source], plain[name], imap[name], 0.0, -1)
     )
 
 

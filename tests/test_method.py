@@ -3,6 +3,7 @@ mergekit method, through merge_state_dicts and merge_tensors."""
 
 import pytest
 import torch
+from fixtures.reference import aim_expected
 from mergekit import merge_methods
 from mergekit.merge_methods import (
     BasePolicy,
@@ -41,17 +42,6 @@ METHODS = [
 # Methods that take exactly one model besides the base.
 PAIRWISE = {"slerp", "nearswap", "arcee_fusion"}
 GENERIC = {"weight": 1.0, "t": 0.4, "density": 0.7}
-
-
-def reference(base, merged, statistic, omega, axis):
-    """DESIGN §1, written independently of the kernels, in float64."""
-    s = statistic.double().abs() / statistic.double().abs().max()
-    factor = 1 - s * (1 - omega)
-    shape = [1] * base.ndim
-    shape[axis] = -1
-    factor = factor.reshape(shape) if base.ndim > 1 else factor
-    b, m = base.double(), merged.double()
-    return (b + (m - b) * factor).to(merged.dtype)
 
 
 def _state_dicts(count, seed=0):
@@ -111,7 +101,7 @@ def test_aim_equals_formula_on_plain_merge(name, omega):
         )
     for key in plain:
         if key in importance:
-            expected = reference(
+            expected = aim_expected(
                 models[0][key],
                 plain[key],
                 importance[key],
@@ -187,7 +177,7 @@ def test_merge_tensors_with_key_and_strided_input():
             "importance_key": "linear.weight",
         },
     )
-    expected = reference(tensors[0], plain, importance["linear.weight"], 0.4, -1)
+    expected = aim_expected(tensors[0], plain, importance["linear.weight"], 0.4, -1)
     torch.testing.assert_close(relaxed, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -240,7 +230,7 @@ def test_wraps_methods_registered_later(monkeypatch):
         models, "aim_halfway", base=0, parameters={"importance": importance}
     )
     plain = (models[0]["linear.weight"] + models[1]["linear.weight"]) / 2
-    expected = reference(
+    expected = aim_expected(
         models[0]["linear.weight"], plain, importance["linear.weight"], 0.4, -1
     )
     torch.testing.assert_close(out["linear.weight"], expected, rtol=1e-5, atol=1e-5)

@@ -3,6 +3,7 @@ writes a tensor the inner method returned from its inputs."""
 
 import pytest
 import torch
+from fixtures.reference import aim_expected
 from mergekit import merge_methods
 from mergekit.merge_methods import (
     BasePolicy,
@@ -12,7 +13,7 @@ from mergekit.merge_methods import (
     merge_state_dicts,
     registry,
 )
-from test_method import _importance, _state_dicts, reference
+from test_method import _importance, _state_dicts
 
 import mergekit_aim.kernels as kernels
 from mergekit_aim.method import aim_method
@@ -82,7 +83,7 @@ def test_inputs_returned_by_the_inner_method_are_not_written(
         for key in model:
             assert torch.equal(model[key], saved[key]), key
     assert relax_calls == {"in_place": 0, "new": len(importance)}
-    expected = reference(
+    expected = aim_expected(
         models[0]["linear.weight"],
         plain["linear.weight"],
         importance["linear.weight"],
@@ -107,7 +108,7 @@ def test_fresh_results_are_relaxed_in_place(relax_calls):
     assert relax_calls["in_place"] == len(importance)
     assert relax_calls["new"] == 0
     for key in importance:
-        expected = reference(
+        expected = aim_expected(
             models[0][key], plain[key], importance[key], 0.4, importance.input_axis(key)
         )
         torch.testing.assert_close(out[key], expected, rtol=1e-5, atol=1e-6)

@@ -5,8 +5,9 @@ plain output of the same config and seed."""
 import pytest
 import torch
 import yaml
-from checkpoint_files import load_dir
-from test_method import METHODS, PAIRWISE, reference
+from fixtures.checkpoint_files import load_dir
+from fixtures.reference import aim_expected
+from test_method import METHODS, PAIRWISE
 
 from mergekit_aim.calibration import collect_importance
 from mergekit_aim.checkpoint import read_checkpoint
@@ -75,7 +76,7 @@ def test_every_method_through_the_pipeline(name, tiny_family, artifact, tmp_path
     relaxed_count = 0
     for key, merged in plain.items():
         if key in imap:
-            expected = reference(
+            expected = aim_expected(
                 base[key], merged, imap[key], 0.25, imap.input_axis(key)
             )
             torch.testing.assert_close(relaxed[key], expected, rtol=1e-5, atol=1e-6)

@@ -89,13 +89,14 @@ def test_text_splits_are_disjoint():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from mergekit_aim import tiny
+    from benchmarks.synthetic import generate_sentences
+    from mergekit_aim.demo.models import train_tokenizer
 
     rng = random.Random(0)
-    texts = tiny.generate_sentences(100, seed=0)
+    texts = generate_sentences(100, seed=0)
     texts += [tasks.math_item(rng).text for _ in range(100)]
     texts += [tasks.instruction_item(rng).text for _ in range(100)]
-    return tiny.train_tokenizer(texts, vocab_size=300, split_digits=True)
+    return train_tokenizer(texts, vocab_size=300, split_digits=True)
 
 
 class _Scripted(torch.nn.Module):
@@ -240,6 +241,8 @@ def test_hypervolumes_and_report_sections():
 
 
 def test_controls_call_the_kernel_formula():
+    from fixtures.reference import aim_factors
+
     from mergekit_aim.importance import ImportanceMap
 
     gen = torch.Generator().manual_seed(0)
@@ -248,7 +251,7 @@ def test_controls_call_the_kernel_formula():
     stat = torch.tensor([1.0, 2.0, 4.0, 8.0])
     imap = ImportanceMap({"w": stat, "n": stat}, {"w": 1, "n": 1}, {"w": -1, "n": -1})
     omega = 0.4
-    factors = 1 - (stat / stat.max()) * (1 - omega)
+    factors = aim_factors(stat, omega, dtype=torch.float32)
     assert merging.aim_factors(imap, "w", omega) == pytest.approx(factors.tolist())
     uniform = merging.uniform_state(base, merged, imap, omega)
     expected = base["w"] + (merged["w"] - base["w"]) * factors.mean()
@@ -281,9 +284,11 @@ def test_merge_grid_and_configs(tmp_path):
 
 
 def test_train_completions_scores_only_the_answer(tokenizer, monkeypatch):
-    from mergekit_aim import tiny
+    from benchmarks.quality.training import train_completions
+    from benchmarks.synthetic import generate_sentences
+    from mergekit_aim.demo.models import tiny_llama
 
-    model = tiny.tiny_model("llama", len(tokenizer), hidden_size=32, seed=0)
+    model = tiny_llama(len(tokenizer), hidden_size=32, seed=0)
     seen = []
     forward = type(model).forward
 
@@ -293,8 +298,8 @@ def test_train_completions_scores_only_the_answer(tokenizer, monkeypatch):
 
     monkeypatch.setattr(type(model), "forward", spy)
     items = [tasks.math_item(random.Random(i)) for i in range(4)]
-    replay = tiny.generate_sentences(40, seed=0)
-    losses = tiny.train_completions(
+    replay = generate_sentences(40, seed=0)
+    losses = train_completions(
         model,
         tokenizer,
         [(i.prompt, i.answer) for i in items],
@@ -313,7 +318,7 @@ def test_train_completions_scores_only_the_answer(tokenizer, monkeypatch):
         assert any(text == i.answer for i in items)
     assert torch.equal(replay_batch["input_ids"], replay_batch["labels"])
     with pytest.raises(ValueError, match="prefix"):
-        tiny.train_completions(model, tokenizer, [("Answ", "er: 2")], steps=1)
+        train_completions(model, tokenizer, [("Answ", "er: 2")], steps=1)
 
 
 def _block_rows():

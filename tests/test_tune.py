@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from checkpoint_files import load_dir
 from click.testing import CliRunner
+from fixtures.checkpoint_files import load_dir
 
 from mergekit_aim.errors import AimConfigError, AimError
 from mergekit_aim.importance import ImportanceMap
@@ -47,7 +47,7 @@ def family(tiny_family):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tiny_text):
-    from mergekit_aim.tiny import generate_sentences
+    from benchmarks.synthetic import generate_sentences
 
     root = tmp_path_factory.mktemp("tune-data")
     (root / "calibration.txt").write_text("\n\n".join(tiny_text))

@@ -58,8 +58,7 @@ class Evaluator:
         seq_len: int,
         bos: int | None = None,
     ):
-        from mergekit_aim.calibration.data import pack_blocks
-        from mergekit_aim.tiny import token_stream
+        from mergekit_aim.demo.models import token_blocks
         from mergekit_aim.tuning.evaluation import pad_token_id
 
         self.sets = {
@@ -68,10 +67,8 @@ class Evaluator:
         }
         # Calibration's packer: with a BOS it starts every block with exactly one.
         self.windows = {
-            task: pack_blocks(
-                [token_stream(tokenizer, data.test_texts[task]).tolist()],
-                seq_len,
-                bos_token_id=bos,
+            task: token_blocks(
+                tokenizer, data.test_texts[task], seq_len, bos_token_id=bos
             ).tolist()
             for task in tasks.LOSS_TASKS
         }
@@ -149,7 +146,7 @@ def run(
     """Run the benchmark; returns the JSON document it writes."""
     from transformers import AutoModelForCausalLM
 
-    from mergekit_aim.demo import Stopwatch, quiet_transformers
+    from mergekit_aim.console import Stopwatch, quiet_transformers
     from mergekit_aim.importance import ImportanceMap
 
     settings = settings_for(quick, model_name)
@@ -317,7 +314,7 @@ def build_experts(
 ) -> dict[str, Path]:
     """Only the first stage: the base, the three experts and the base's
     artifact (cached like a full run), linked as ``OUT/models/<name>``."""
-    from mergekit_aim.demo import quiet_transformers
+    from mergekit_aim.console import quiet_transformers
 
     settings = settings_for(quick, model_name)
     out_dir = Path(out_dir)

@@ -100,13 +100,13 @@ def run_plain_merge(
     """Merge ``spec`` with mergekit into ``out_root/<name>`` (reused if present)."""
     import yaml
 
-    from mergekit_aim.demo import run_merge_yaml
+    from mergekit_aim.plugin import run_yaml_merge
 
     out = Path(out_root) / spec.name
     if (out / "model.safetensors").exists():
         return out
     text = yaml.safe_dump(merge_config(spec, base, experts, density), sort_keys=False)
-    run_merge_yaml(text, out, seed=spec.seed)
+    run_yaml_merge(text, out, seed=spec.seed)
     (out / "mergekit_config.yml").write_text(text)
     return out
 

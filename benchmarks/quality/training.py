@@ -30,12 +30,16 @@ import itertools
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks.quality import tasks
 from benchmarks.quality.tasks import Item, ItemSplits
+
+if TYPE_CHECKING:
+    import torch
 
 LOG = logging.getLogger(__name__)
 
@@ -236,7 +240,7 @@ class TaskData:
 
 def build_data(settings: Settings) -> TaskData:
     """Generate and sample every split; deterministic for the settings."""
-    from mergekit_aim.demo import builtin_sample
+    from mergekit_aim.demo.models import builtin_sample
 
     seed = settings.seed
     split = dict(
@@ -296,7 +300,7 @@ def build_models(settings: Settings, data: TaskData, cache_dir: Path) -> Models:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import mergekit_aim
-    from mergekit_aim import tiny
+    from mergekit_aim.demo import models as demo_models
 
     root = Path(cache_dir) / f"models-{settings.training_key()}"
     root.mkdir(parents=True, exist_ok=True)
@@ -350,7 +354,7 @@ def build_models(settings: Settings, data: TaskData, cache_dir: Path) -> Models:
             continue
         expert = load_base()
         if task == "code":
-            losses = tiny.train_causal_lm(
+            losses = demo_models.train_causal_lm(
                 expert,
                 tokenizer,
                 data.code_train,
@@ -361,7 +365,7 @@ def build_models(settings: Settings, data: TaskData, cache_dir: Path) -> Models:
                 **train,
             )
         else:
-            losses = tiny.train_completions(
+            losses = train_completions(
                 expert,
                 tokenizer,
                 [(item.prompt, item.answer) for item in data.items[task].train],
@@ -375,7 +379,9 @@ def build_models(settings: Settings, data: TaskData, cache_dir: Path) -> Models:
                 autocast=autocast,
             )
         LOG.info("quality: %s expert loss %.3f -> %.3f", task, losses[0], losses[-1])
-        tiny.save_checkpoint(expert, tokenizer, experts[task], dtype=torch.float32)
+        demo_models.save_checkpoint(
+            expert, tokenizer, experts[task], dtype=torch.float32
+        )
         del expert
         finished(f"{task}_loss", experts[task], [losses[0], losses[-1]])
 
@@ -404,19 +410,18 @@ def build_models(settings: Settings, data: TaskData, cache_dir: Path) -> Models:
 def _train_toy_base(settings: Settings, data: TaskData, path: Path) -> tuple:
     """A tokenizer, a small Llama trained from scratch and saved to ``path``,
     and its training losses."""
-    from mergekit_aim import tiny
+    from mergekit_aim.demo import models as demo_models
 
-    tokenizer = tiny.train_tokenizer(
+    tokenizer = demo_models.train_tokenizer(
         data.base_train, vocab_size=settings.vocab_size, split_digits=True
     )
-    base = tiny.tiny_model(
-        "llama",
+    base = demo_models.tiny_llama(
         len(tokenizer),
         hidden_size=settings.hidden_size,
         num_layers=settings.num_layers,
         seed=settings.seed,
     )
-    losses = tiny.train_causal_lm(
+    losses = demo_models.train_causal_lm(
         base,
         tokenizer,
         data.base_train,
@@ -427,5 +432,73 @@ def _train_toy_base(settings: Settings, data: TaskData, path: Path) -> tuple:
         batch_size=settings.batch_size,
     )
     LOG.info("quality: base loss %.3f -> %.3f", losses[0], losses[-1])
-    tiny.save_checkpoint(base, tokenizer, path)
+    demo_models.save_checkpoint(base, tokenizer, path)
     return tokenizer, base, losses
+
+
+def train_completions(
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    replay: Sequence[str] = (),
+    replay_batch_size: int = 8,
+    replay_seq_len: int = 128,
+    autocast: torch.dtype | None = None,
+) -> list[float]:
+    """Supervised fine-tuning on ``(prompt, completion)`` pairs, in place.
+
+    Each example is ``<s> prompt completion </s>``; only the completion and
+    ``</s>`` are scored (prompt tokens are masked out of the loss, as in
+    instruction tuning). Batches of ``batch_size`` examples are drawn in seeded
+    random order and right-padded; optimizer and schedule as the demo's
+    :func:`~mergekit_aim.demo.models.train_causal_lm`. ``prompt + completion``
+    must tokenize with the prompt's tokens as a prefix. With ``replay`` texts,
+    every step adds the language-model loss of ``replay_batch_size`` packed
+    blocks of them (replay of pre-training data, which keeps the model from
+    forgetting it). Returns each step's loss (the sum of both terms).
+    ``autocast`` as in ``train_causal_lm``.
+    """
+    import torch
+
+    from mergekit_aim.demo.models import run_training, shuffled_batches, token_blocks
+
+    rows = []
+    for prompt, completion in pairs:
+        head = tokenizer(prompt)["input_ids"]
+        full = tokenizer(prompt + completion)["input_ids"] + [tokenizer.eos_token_id]
+        if full[: len(head)] != head:
+            raise ValueError(f"prompt {prompt!r} is not a token prefix of its example")
+        rows.append((full, len(head)))
+    if not rows:
+        raise ValueError("no training pairs")
+    draw = shuffled_batches(len(rows), batch_size, seed)
+
+    def next_batch() -> dict[str, torch.Tensor]:
+        chosen = [rows[i] for i in draw().tolist()]
+        width = max(len(ids) for ids, _ in chosen)
+        input_ids = torch.full((len(chosen), width), tokenizer.pad_token_id)
+        labels = torch.full((len(chosen), width), -100)
+        mask = torch.zeros((len(chosen), width), dtype=torch.long)
+        for i, (ids, start) in enumerate(chosen):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, start : len(ids)] = torch.tensor(ids[start:])
+            mask[i, : len(ids)] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+    if not replay:
+        return run_training(model, next_batch, steps=steps, lr=lr, autocast=autocast)
+    replay_data = token_blocks(tokenizer, replay, replay_seq_len)
+    if replay_data.shape[0] == 0:
+        raise ValueError(f"the replay texts give fewer than {replay_seq_len} tokens")
+    draw_replay = shuffled_batches(len(replay_data), replay_batch_size, seed + 1)
+
+    def next_batches() -> list[dict[str, torch.Tensor]]:
+        batch = replay_data[draw_replay()]
+        return [next_batch(), {"input_ids": batch, "labels": batch}]
+
+    return run_training(model, next_batches, steps=steps, lr=lr, autocast=autocast)

@@ -115,7 +115,7 @@ def tune(
 
 
 def _quiet_progress_bars() -> contextlib.AbstractContextManager:
-    from mergekit_aim.demo import quiet_transformers
+    from mergekit_aim.console import quiet_transformers
 
     return quiet_transformers()
 

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.tiny_models import tiny_model
 
 from mergekit_aim.calibration import calibrate, collect_importance, distributed
 from mergekit_aim.calibration.targets import find_targets
+from mergekit_aim.demo.models import save_checkpoint
 from mergekit_aim.errors import CalibrationError
-from mergekit_aim.tiny import save_checkpoint, tiny_model
 
 OVERFLOWING = "model.layers.0.mlp.down_proj"
 CLI = str(Path(sys.executable).with_name("mergekit-aim"))

@@ -6,22 +6,13 @@ import math
 
 import pytest
 import torch
+from fixtures.reference import aim_reference
 from kernel_backends import BACKENDS, needs_interpreter
 
 from mergekit_aim.kernels import _torch, aim_relax
 
 # Half an ulp of the output dtype, doubled for the float32 arithmetic before it.
 RTOL = {torch.float32: 4e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}
-
-
-def reference(base, merged, importance, omega, axis) -> torch.Tensor:
-    a = importance.double().abs()
-    s = a / a.max() if a.max() > 0 else torch.zeros_like(a)
-    shape = [1] * merged.dim()
-    shape[axis] = -1
-    factor = (1 - s * (1 - omega)).view(shape)
-    b = base.double()
-    return b + (merged.double() - b) * factor
 
 
 def make(shape, dtype, seed) -> torch.Tensor:
@@ -37,7 +28,7 @@ def statistic(n: int, seed: int = 3) -> torch.Tensor:
 def check(out, base, merged, importance, omega, axis) -> None:
     assert out.dtype == merged.dtype
     assert out.shape == merged.shape
-    expected = reference(base, merged, importance, omega, axis)
+    expected = aim_reference(base, merged, importance, omega, axis)
     torch.testing.assert_close(
         out.double(), expected, rtol=RTOL[merged.dtype], atol=1e-5
     )

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import torch
-from native_compiler import needs_compiler
+from fixtures.native_compiler import needs_compiler
 from test_kernel_aim_relax import make, statistic
 
 from mergekit_aim.kernels import _native, aim_relax, aim_relax_, channel_abs_sum

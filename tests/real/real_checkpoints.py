@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.reference import aim_reference
 
 BIN = Path(sys.executable).parent
 # Two threads per subprocess: enough for a 135M model, and no more than the
@@ -62,23 +63,6 @@ def run_command(program: str, *args: object, check: bool = True, **env: str):
     return result
 
 
-def relaxed_reference(
-    base: torch.Tensor,
-    merged: torch.Tensor,
-    statistic: torch.Tensor,
-    omega: float,
-    axis: int,
-) -> torch.Tensor:
-    """DESIGN §1 in float32, not rounded: ``B + (M − B)·(1 − s·(1 − ω))`` with
-    ``s = a / max(a)`` broadcast along ``axis`` of the weight."""
-    a = statistic.float()
-    factor = 1 - (a / a.max()) * (1 - omega)
-    shape = [1] * base.ndim
-    shape[axis] = -1
-    b = base.float()
-    return b + (merged.float() - b) * factor.reshape(shape)
-
-
 def assert_relaxed(
     got: torch.Tensor,
     base: torch.Tensor,
@@ -88,7 +72,8 @@ def assert_relaxed(
     axis: int,
     what: str,
 ) -> int:
-    """``got`` is :func:`relaxed_reference` rounded to ``got``'s dtype, up to
+    """``got`` is the reference formula (``fixtures.reference``) in float32,
+    rounded to ``got``'s dtype, up to
     the rounding of float32 arithmetic; returns how many elements differ from
     the reference rounded to nearest.
 
@@ -96,7 +81,7 @@ def assert_relaxed(
     float32 ulps of the operands (visible where the result nearly cancels), and
     that can tip the final rounding by one ulp of the output dtype.
     """
-    exact = relaxed_reference(base, merged, statistic, omega, axis)
+    exact = aim_reference(base, merged, statistic, omega, axis, dtype=torch.float32)
     slack = torch.finfo(got.dtype).eps * exact.abs() + 4 * torch.finfo(
         torch.float32
     ).eps * (base.float().abs() + merged.float().abs())

@@ -25,13 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from checkpoint_files import load_dir
-from real_checkpoints import (
-    assert_relaxed,
-    relaxed_reference,
-    run_command,
-    seeded_variant,
-)
+from fixtures.checkpoint_files import load_dir
+from fixtures.reference import aim_factors, aim_reference
+from real_checkpoints import assert_relaxed, run_command, seeded_variant
 
 from mergekit_aim.importance import ImportanceMap
 
@@ -78,7 +74,7 @@ def chat_rows() -> list[list[dict[str, str]]]:
     """12 short conversations (every third with its own system prompt, the
     others get the template's default one) and a last one whose rendering is
     longer than SEQ_LEN although its bare contents are not."""
-    from mergekit_aim.tiny import generate_sentences
+    from benchmarks.synthetic import generate_sentences
 
     sentences = generate_sentences(45, seed=3)
     rows = []
@@ -346,10 +342,11 @@ def test_norms_are_relaxed_elementwise(merges, smollm2, builtin_artifact):
         assert base[name].shape == imap[name].shape == (576,)
         args = (base[name], plain[name], imap[name], OMEGA, 0)
         assert_relaxed(relaxed[name], *args, name)
-        elementwise = relaxed_reference(*args)
-        s = imap[name] / imap[name].max()
+        elementwise = aim_reference(*args, dtype=torch.float32)
         b, m = base[name].float(), plain[name].float()
-        uniform = b + (m - b) * (1 - s.mean() * (1 - OMEGA))
+        uniform = (
+            b + (m - b) * aim_factors(imap[name], OMEGA, dtype=torch.float32).mean()
+        )
         # Where the two readings differ by more than rounding can explain,
         # the output follows the elementwise one.
         apart = (elementwise - uniform).abs() > 3 * EPS * elementwise.abs()
@@ -411,7 +408,7 @@ def test_relax_cli_on_the_plain_merge_equals_the_aim_merge(
 
 
 def test_tune_picks_an_omega_and_writes_it(merges, smollm2, builtin_artifact, work):
-    from mergekit_aim.tiny import generate_sentences
+    from benchmarks.synthetic import generate_sentences
 
     # Two short documents, one 64-token window each: the eval costs little.
     stories = generate_sentences(6, seed=21)

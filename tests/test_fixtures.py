@@ -1,14 +1,18 @@
-"""The tiny checkpoints other tests stand on: they build, save, reload and train."""
+"""The fixtures other tests stand on: isolated caches, the tiny text, and the
+tiny model families (tests/fixtures/tiny_models.py), which build, save and
+reload."""
 
 import os
 
 import pytest
 import torch
+from fixtures.tiny_models import CHAT_TEMPLATE, FAMILIES, tiny_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
-from mergekit_aim import tiny
+from benchmarks.synthetic import finetune_variant, generate_sentences
+from mergekit_aim.demo.models import BOS_ID, token_stream
 
 
 def checkpoint_names(path):
@@ -24,14 +28,14 @@ def test_environment_is_isolated(isolated_caches, tmp_path_factory):
 
 
 def test_tiny_text_is_deterministic_and_long_enough(tiny_text, tiny_tokenizer):
-    assert tiny_text == tiny.generate_sentences(400, seed=0)
-    assert tiny.generate_sentences(5, seed=1) != tiny.generate_sentences(5, seed=2)
-    assert tiny.token_stream(tiny_tokenizer, tiny_text).numel() > 40 * 32
+    assert tiny_text == generate_sentences(400, seed=0)
+    assert generate_sentences(5, seed=1) != generate_sentences(5, seed=2)
+    assert token_stream(tiny_tokenizer, tiny_text).numel() > 40 * 32
 
 
 def test_tokenizer_special_tokens_and_chat_template(tiny_tokenizer, tiny_text):
     ids = tiny_tokenizer(tiny_text[0])["input_ids"]
-    assert ids[0] == tiny.BOS_ID == tiny_tokenizer.bos_token_id
+    assert ids[0] == BOS_ID == tiny_tokenizer.bos_token_id
     assert tiny_tokenizer.decode(ids, skip_special_tokens=True) == tiny_text[0]
     assert (tiny_tokenizer.pad_token_id, tiny_tokenizer.eos_token_id) == (0, 2)
     rendered = tiny_tokenizer.apply_chat_template(
@@ -41,7 +45,7 @@ def test_tokenizer_special_tokens_and_chat_template(tiny_tokenizer, tiny_text):
     assert rendered == "<s><|user|>\nHello</s>\n<|assistant|>\nHi</s>\n"
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_family_saves_and_reloads(family, tiny_family, tiny_text):
     built = tiny_family(family)
     assert built.family == family
@@ -55,9 +59,9 @@ def test_family_saves_and_reloads(family, tiny_family, tiny_text):
     for text in tiny_text[:20]:
         ids = tokenizer(text)["input_ids"]
         assert ids == built.tokenizer(text)["input_ids"]
-        assert ids[0] == tiny.BOS_ID
+        assert ids[0] == BOS_ID
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
-    assert tokenizer.chat_template == tiny.CHAT_TEMPLATE
+    assert tokenizer.chat_template == CHAT_TEMPLATE
     batch = torch.tensor([tokenizer(tiny_text[0])["input_ids"]])
     with torch.no_grad():
         logits = model(input_ids=batch).logits
@@ -102,82 +106,31 @@ def test_gpt2_uses_conv1d_stored_in_by_out(tiny_family):
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_model_is_deterministic_and_keeps_global_rng(family):
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    first = tiny.tiny_model(family, 300, seed=7).state_dict()
+    first = tiny_model(family, 300, seed=7).state_dict()
     assert torch.equal(torch.get_rng_state(), state)
-    second = tiny.tiny_model(family, 300, seed=7).state_dict()
-    other = tiny.tiny_model(family, 300, seed=8).state_dict()
+    second = tiny_model(family, 300, seed=7).state_dict()
+    other = tiny_model(family, 300, seed=8).state_dict()
     assert all(torch.equal(first[n], second[n]) for n in first)
     assert any(not torch.equal(first[n], other[n]) for n in first)
 
 
-def test_sizes_divide_for_other_widths():
-    for hidden in (48, 96, 128, 160, 192):
-        model = tiny.tiny_model("llama", 100, hidden_size=hidden, num_layers=1)
-        logits = model(input_ids=torch.tensor([[1, 5, 6]])).logits
-        assert logits.shape == (1, 3, 100)
-
-
 def test_unknown_family_is_refused():
     with pytest.raises(ValueError, match="mamba"):
-        tiny.tiny_model("mamba", 100)
-
-
-def test_save_checkpoint_dtype_leaves_model_alone(tiny_tokenizer, tmp_path):
-    model = tiny.tiny_model("llama", len(tiny_tokenizer))
-    path = tiny.save_checkpoint(model, tiny_tokenizer, tmp_path, dtype=torch.bfloat16)
-    assert next(model.parameters()).dtype == torch.float32
-    with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
-        assert handle.get_tensor("lm_head.weight").dtype == torch.bfloat16
+        tiny_model("mamba", 100)
 
 
 def test_finetune_variant_is_seeded_and_copies(tiny_tokenizer):
-    model = tiny.tiny_model("qwen2", len(tiny_tokenizer))
+    model = tiny_model("qwen2", len(tiny_tokenizer))
     before = {n: t.clone() for n, t in model.state_dict().items()}
-    a = tiny.finetune_variant(model, seed=1, scale=0.1).state_dict()
-    b = tiny.finetune_variant(model, seed=1, scale=0.1).state_dict()
+    a = finetune_variant(model, seed=1, scale=0.1).state_dict()
+    b = finetune_variant(model, seed=1, scale=0.1).state_dict()
     assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not torch.equal(
         a["model.layers.0.self_attn.q_proj.bias"],
         before["model.layers.0.self_attn.q_proj.bias"],
     )
-
-
-def test_training_reduces_loss_and_heldout_loss_is_deterministic(
-    tiny_tokenizer, tiny_text
-):
-    train, heldout = tiny_text[:300], tiny_text[300:]
-    model = tiny.tiny_model("llama", len(tiny_tokenizer), seed=0)
-    before = tiny.heldout_loss(model, tiny_tokenizer, heldout, seq_len=64)
-    assert before == tiny.heldout_loss(model, tiny_tokenizer, heldout, seq_len=64)
-    losses = tiny.train_causal_lm(
-        model, tiny_tokenizer, train, steps=30, seq_len=64, batch_size=8, seed=0
-    )
-    assert len(losses) == 30 and all(map(torch.isfinite, torch.tensor(losses)))
-    assert not model.training
-    after = tiny.heldout_loss(model, tiny_tokenizer, heldout, seq_len=64)
-    assert after == tiny.heldout_loss(model, tiny_tokenizer, heldout, seq_len=64)
-    assert after < before - 1.0
-    assert sum(losses[-5:]) < sum(losses[:5])
-
-
-def test_training_is_reproducible(tiny_tokenizer, tiny_text):
-    runs = []
-    for _ in range(2):
-        model = tiny.tiny_model("gpt2", len(tiny_tokenizer), seed=3)
-        runs.append(
-            tiny.train_causal_lm(
-                model, tiny_tokenizer, tiny_text, steps=3, seq_len=32, seed=5
-            )
-        )
-    assert runs[0] == runs[1]
-
-
-def test_too_little_text_is_an_error(tiny_tokenizer):
-    model = tiny.tiny_model("llama", len(tiny_tokenizer))
-    with pytest.raises(ValueError, match="seq_len=128"):
-        tiny.train_causal_lm(model, tiny_tokenizer, ["A farmer."], steps=1)

@@ -2,11 +2,13 @@
 
 Everything is built on the spot from the ``builtin`` corpus: a tokenizer, a
 small Llama base trained from scratch on mixed text (prose, code, math), and
-two experts fine-tuned from it, one on prose and one on code. The base is
-calibrated on ``builtin``, the experts are merged with TIES through mergekit's
-own pipeline twice (plain, and with an ``aim:`` block), and every model is
-scored by held-out loss on each domain (mean token NLL, as ``mergekit-aim
-tune`` scores it: :func:`mergekit_aim.tuning.evaluation.evaluate_loss`). Math is in no
+two experts fine-tuned from it, one on prose and one on code (the builders
+are in :mod:`mergekit_aim.demo.models`). The base is calibrated on
+``builtin``, the experts are merged with TIES through mergekit's own pipeline
+twice (plain, and with an ``aim:`` block;
+:func:`mergekit_aim.plugin.run_yaml_merge`), and every model is scored by
+held-out loss on each domain (mean token NLL, as ``mergekit-aim tune`` scores
+it: :func:`mergekit_aim.tuning.evaluation.evaluate_loss`). Math is in no
 expert's fine-tuning data: its column shows how much of what only the base was
 taught survives.
 
@@ -23,12 +25,13 @@ import itertools
 import json
 import logging
 import math
-import random
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mergekit_aim.console import Stopwatch, quiet_transformers
 
 LOG = logging.getLogger(__name__)
 
@@ -149,21 +152,6 @@ class DemoResult:
 
 
 @contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    # Saving and loading a dozen tiny checkpoints would print a dozen progress
-    # bars between the log lines; restore the caller's setting afterwards.
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
     # The demo's matrices are too small to gain much from a second thread,
     # and on a machine whose cores are busy (tests running beside it) OpenMP
@@ -179,40 +167,6 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-class Stopwatch:
-    """Times named steps (``with watch("step"):``) into ``timings`` and logs them."""
-
-    def __init__(self, label: str = "demo") -> None:
-        self.label = label
-        self.timings: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, step: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.timings[step] = round(time.perf_counter() - start, 2)
-        LOG.info("%s: %s done in %.1f s", self.label, step, self.timings[step])
-
-
-def builtin_sample(domain: str, split: str, budget: int, seed: int) -> list[str]:
-    """A seeded random sample of ``domain`` documents of ``split``, about
-    ``budget`` characters in all (the whole corpus would take minutes to
-    train on and to score)."""
-    from mergekit_aim.calibration.builtin import builtin_documents
-
-    texts = [doc.text for doc in builtin_documents(domains=[domain], split=split)]
-    random.Random(f"{seed}-{domain}-{split}").shuffle(texts)
-    chosen, size = [], 0
-    for text in texts:
-        if size >= budget:
-            break
-        chosen.append(text)
-        size += len(text)
-    if not chosen:
-        raise RuntimeError(f"the builtin corpus has no {split} {domain} text")
-    return chosen
 
 
 def _merge_config(
@@ -235,20 +189,6 @@ def _merge_config(
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def run_merge_yaml(config_text: str, out: Path, *, seed: int = 0) -> Path:
-    """Merge in-process exactly as ``mergekit-yaml`` would (plugin included);
-    ``seed`` is mergekit's ``--random-seed`` (DARE's drop masks)."""
-    import yaml
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    config = MergeConfiguration.model_validate(yaml.safe_load(config_text))
-    options = MergeOptions(copy_tokenizer=True, quiet=True, random_seed=seed)
-    run_merge(config, str(out), options=options, config_source=config_text)
-    return out
-
-
 def run_demo(
     out_dir: Path, *, quick: bool = False, seed: int = 0, threads: int | None = 1
 ) -> DemoResult:
@@ -267,7 +207,8 @@ def run_demo(
     from transformers import AutoModelForCausalLM
 
     import mergekit_aim
-    from mergekit_aim import tiny
+    from mergekit_aim.demo import models
+    from mergekit_aim.plugin import run_yaml_merge
     from mergekit_aim.tuning.evaluation import evaluate_loss
 
     settings = QUICK if quick else FULL
@@ -281,11 +222,11 @@ def run_demo(
     with quiet_transformers(), torch_threads(threads):
         with watch("tokenizer"):
             train_text = {
-                d: builtin_sample(d, "train", settings.train_chars, seed)
+                d: models.builtin_sample(d, "train", settings.train_chars, seed)
                 for d in DOMAINS
             }
             heldout_text = {
-                d: builtin_sample(d, "heldout", settings.heldout_chars, seed)
+                d: models.builtin_sample(d, "heldout", settings.heldout_chars, seed)
                 for d in DOMAINS
             }
             # Interleave domains so the mixed base sees all three from the start.
@@ -295,18 +236,17 @@ def run_demo(
                 for text in group
                 if text is not None
             ]
-            tokenizer = tiny.train_tokenizer(mixed, vocab_size=settings.vocab_size)
+            tokenizer = models.train_tokenizer(mixed, vocab_size=settings.vocab_size)
 
         train = dict(seq_len=settings.seq_len, batch_size=settings.batch_size)
         with watch("base training"):
-            base = tiny.tiny_model(
-                "llama",
+            base = models.tiny_llama(
                 len(tokenizer),
                 hidden_size=settings.hidden_size,
                 num_layers=settings.num_layers,
                 seed=seed,
             )
-            losses = tiny.train_causal_lm(
+            losses = models.train_causal_lm(
                 base,
                 tokenizer,
                 mixed,
@@ -316,14 +256,14 @@ def run_demo(
                 **train,
             )
             LOG.info("demo: base loss %.3f -> %.3f", losses[0], losses[-1])
-            paths[BASE] = tiny.save_checkpoint(base, tokenizer, models_dir / "base")
+            paths[BASE] = models.save_checkpoint(base, tokenizer, models_dir / "base")
 
         for domain, row in zip(
             EXPERT_DOMAINS, (EXPERT_PROSE, EXPERT_CODE), strict=True
         ):
             with watch(f"{domain} expert training"):
                 expert = copy.deepcopy(base)
-                losses = tiny.train_causal_lm(
+                losses = models.train_causal_lm(
                     expert,
                     tokenizer,
                     train_text[domain],
@@ -335,7 +275,7 @@ def run_demo(
                 LOG.info(
                     "demo: %s expert loss %.3f -> %.3f", domain, losses[0], losses[-1]
                 )
-                paths[row] = tiny.save_checkpoint(
+                paths[row] = models.save_checkpoint(
                     expert, tokenizer, models_dir / f"expert_{domain}"
                 )
         del base, expert
@@ -360,7 +300,7 @@ def run_demo(
             with watch(f"{name} merge"):
                 text = _merge_config(paths[BASE], experts, settings.density, artifact)
                 (configs_dir / f"{name}.yml").write_text(text)
-                paths[row] = run_merge_yaml(text, models_dir / name)
+                paths[row] = run_yaml_merge(text, models_dir / name)
 
         table: dict[str, dict[str, float]] = {}
         with watch("evaluation"):
