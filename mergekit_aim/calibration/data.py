@@ -426,23 +426,25 @@ def _local_rows(path: Path, dataset: str) -> datasets.Dataset:
         ) from error
 
 
-def read_txt_documents(path: str | os.PathLike, role: str) -> list[str]:
-    """The documents of a ``.txt`` file: its paragraphs (see :func:`paragraphs`).
-
-    The one reader of text files, for calibration data and eval sets alike;
-    ``role`` ("calibration file", "eval file") names the file in errors.
-    """
+def read_text_file(path: str | os.PathLike, role: str) -> str:
+    """A UTF-8 text file's content; ``role`` ("calibration file", "eval file")
+    names the file in errors. The one reader of user text files."""
     path = Path(path)
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise TextFileError(f"{role} {str(path)!r} {what}")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise TextFileError(
             f"{role} {str(path)!r} is not UTF-8 text ({error})"
         ) from None
-    return paragraphs(text)
+
+
+def read_txt_documents(path: str | os.PathLike, role: str) -> list[str]:
+    """The documents of a ``.txt`` file: its paragraphs (see :func:`paragraphs`),
+    for calibration data and eval sets alike."""
+    return paragraphs(read_text_file(path, role))
 
 
 def paragraphs(text: str) -> list[str]:

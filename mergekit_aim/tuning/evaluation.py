@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from mergekit_aim.calibration.data import read_txt_documents
+from mergekit_aim.calibration.data import read_text_file, read_txt_documents
 from mergekit_aim.calibration.settings import CALIBRATION_DTYPES
-from mergekit_aim.errors import AimConfigError, TextFileError
+from mergekit_aim.errors import AimConfigError
 
 EVAL_SUFFIXES = (".txt", ".jsonl")
 TEXT_FIELD = "text"
@@ -60,12 +60,7 @@ def read_eval_texts(path: str | os.PathLike) -> list[str]:
     if suffix == ".txt" or not path.is_file():
         texts = read_txt_documents(path, "eval file")
     else:
-        try:
-            content = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as error:
-            raise TextFileError(
-                f"eval file {str(path)!r} is not UTF-8 text ({error})"
-            ) from None
+        content = read_text_file(path, "eval file")
         texts = [_jsonl_text(path, n, line) for n, line in _lines(content)]
     texts = [text for text in texts if text]
     if not texts:

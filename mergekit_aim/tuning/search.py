@@ -61,17 +61,6 @@ from mergekit_aim.tuning.evaluation import (
     token_windows,
 )
 
-__all__ = [
-    "DEFAULT_OMEGAS",
-    "OBJECTIVE",
-    "TuneResult",
-    "TuneRow",
-    "candidate_tensors",
-    "omega_grid",
-    "parse_omegas",
-    "tune_merged",
-]
-
 LOG = logging.getLogger(__name__)
 
 DEFAULT_OMEGAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
