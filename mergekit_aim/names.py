@@ -1,0 +1,187 @@
+"""One weight, three spellings: checkpoint tensor, model parameter, mergekit output.
+
+A checkpoint on disk names its tensors one way
+(``block_sparse_moe.experts.3.w1.weight``, ``embed_out.weight``,
+``model.layers.0…`` of a vision-language model); transformers
+renames, and for mixture-of-experts fuses, them as it loads
+(``mlp.experts.gate_up_proj`` holding every expert, ``lm_head.weight``,
+``model.language_model.layers.0…``); mergekit 0.1.5 reads checkpoints through
+that same conversion and writes its merge under the model's names.
+
+:class:`NameMap` applies transformers' own conversion (the renamings and
+converters it would run to load the checkpoint) to every checkpoint name, once,
+and answers both ways: which model tensor a checkpoint tensor becomes, and which
+checkpoint tensors (and, for stacked experts, which expert slice of it) a model
+tensor is made of. Importance artifacts stay keyed by the checkpoint's own names.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A checkpoint tensor that a model tensor is built from.
+
+    ``expert`` is the index along the model tensor's first axis where stacked
+    experts put it; ``None`` when the checkpoint tensor is the whole model tensor.
+    """
+
+    checkpoint: str
+    expert: int | None = None
+
+
+class NameMap:
+    """Checkpoint tensor names ↔ model tensor names, by transformers' conversion."""
+
+    def __init__(self, to_model: dict[str, tuple[str, int | None]]):
+        self._to_model = dict(to_model)
+        self._sources: dict[str, list[Source]] = {}
+        for checkpoint, (model, expert) in self._to_model.items():
+            self._sources.setdefault(model, []).append(Source(checkpoint, expert))
+        for sources in self._sources.values():
+            sources.sort(key=lambda s: -1 if s.expert is None else s.expert)
+
+    @classmethod
+    def identity(cls, checkpoint_names: Iterable[str]) -> NameMap:
+        """Names equal in checkpoint and model (no conversion known)."""
+        return cls({name: (name, None) for name in checkpoint_names})
+
+    @classmethod
+    def from_model(cls, model: Any, checkpoint_names: Iterable[str]) -> NameMap:
+        """The conversion transformers applies to load ``checkpoint_names`` into
+        ``model`` (a ``PreTrainedModel``, possibly on the meta device)."""
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import (
+                WeightConverter,
+                WeightRenaming,
+                rename_source_key,
+            )
+        except ImportError:  # transformers before the v5 loading API
+            return cls.identity(checkpoint_names)
+        try:
+            transforms = get_model_conversion_mapping(model)
+        except Exception as error:  # custom code, unusual classes
+            LOG.info("names: no conversion for %s (%s)", type(model).__name__, error)
+            transforms = []
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        prefix = getattr(model, "base_model_prefix", None) or None
+        model_names = {name: True for name, _ in _model_tensors(model)}
+        mapping = {}
+        for name in checkpoint_names:
+            target, pattern = rename_source_key(
+                name, renamings, converters, prefix, model_names
+            )
+            mapping[name] = (target, _expert_index(name, pattern, converters))
+        return cls(mapping)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str,
+        checkpoint_names: Collection[str],
+        *,
+        trust_remote_code: bool = False,
+    ) -> NameMap:
+        """The map for a checkpoint directory, from a model built on the meta
+        device from its config (no weight is read)."""
+        model = meta_model(path, trust_remote_code=trust_remote_code)
+        if model is None:
+            return cls.identity(checkpoint_names)
+        return cls.from_model(model, checkpoint_names)
+
+    def to_model(self, checkpoint_name: str) -> str | None:
+        """The model tensor ``checkpoint_name`` is loaded into."""
+        found = self._to_model.get(checkpoint_name)
+        return None if found is None else found[0]
+
+    def sources(self, model_name: str) -> list[Source]:
+        """The checkpoint tensors ``model_name`` is built from (by expert)."""
+        return list(self._sources.get(model_name, ()))
+
+    def experts(self, model_name: str) -> dict[int, list[str]]:
+        """Stacked experts: expert index → the checkpoint tensors in its slice
+        of ``model_name`` (e.g. ``{3: [...w1.weight, ...w3.weight]}``); empty
+        when ``model_name`` is no stack of experts."""
+        found: dict[int, list[str]] = {}
+        for source in self._sources.get(model_name, ()):
+            if source.expert is not None:
+                found.setdefault(source.expert, []).append(source.checkpoint)
+        return found
+
+    def renamed(self) -> dict[str, str]:
+        """Checkpoint → model names wherever they differ."""
+        return {c: m for c, (m, _) in self._to_model.items() if c != m}
+
+
+def _model_tensors(model: Any) -> Iterable[tuple[str, Any]]:
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+
+
+def _expert_index(name: str, pattern: str | None, converters: list) -> int | None:
+    """The expert a checkpoint tensor is stacked as, when a converter stacks
+    per-expert tensors (``MergeModulelist`` along the first axis)."""
+    if pattern is None or "*" not in pattern:
+        return None
+    for converter in converters:
+        if pattern not in converter.source_patterns:
+            continue
+        operations = list(getattr(converter, "operations", ()) or ())
+        stacks = [
+            op
+            for op in operations
+            if type(op).__name__ == "MergeModulelist" and getattr(op, "dim", 0) == 0
+        ]
+        if not stacks:
+            return None
+        regex = re.escape(pattern).replace(r"\*", r"(\d+)")
+        match = re.search(regex, name)
+        return int(match.group(1)) if match else None
+    return None
+
+
+def meta_model(path: str, *, trust_remote_code: bool = False) -> Any | None:
+    """The model class the checkpoint's config names, built on the meta device.
+
+    The class is the config's ``architectures[0]`` (what the checkpoint was
+    saved from: a causal LM, or a vision-language model whose language tower
+    is merged); ``None`` when transformers has no such class.
+    """
+    import torch
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as error:
+        LOG.info("names: cannot read the config of %s (%s)", path, error)
+        return None
+    model_class = model_class_for(config)
+    if model_class is None:
+        return None
+    try:
+        with torch.device("meta"):
+            return model_class._from_config(config)
+    except Exception as error:
+        LOG.info("names: cannot build %s on meta (%s)", model_class.__name__, error)
+        return None
+
+
+def model_class_for(config: Any) -> Any | None:
+    """The transformers class a config's ``architectures`` names, if known."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or ():
+        found = getattr(transformers, name, None)
+        if found is not None:
+            return found
+    return None
