@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mergekit_aim.calibration.observer import ChannelStatistics, StopForward
-from mergekit_aim.calibration.targets import find_targets
+from mergekit_aim.calibration.targets import NO_TOKENS, find_targets
 from mergekit_aim.errors import CalibrationError
 
 if TYPE_CHECKING:
@@ -47,7 +47,8 @@ def collect_importance(
     checkpoint_names: Collection[str] | None = None,
     progress: bool = False,
 ) -> ImportanceMap:
-    """Measure an already-loaded Hugging Face causal LM on token blocks.
+    """Measure an already-loaded Hugging Face causal LM (or a vision-language
+    model's text path) on token blocks.
 
     ``blocks`` is a LongTensor ``[N, L]`` (split into batches of
     ``batch_size``) or an iterable of ``[B, L]`` tensors. Returns per-channel
@@ -61,8 +62,8 @@ def collect_importance(
     targets, skipped = find_targets(model, checkpoint_names)
     if not targets:
         raise CalibrationError(
-            f"{type(model).__name__} has no Linear, Conv1D or norm module whose "
-            f"weight is in the checkpoint: nothing to measure"
+            f"{type(model).__name__} has no Linear, Conv1D, norm, router or "
+            f"experts module whose weight is in the checkpoint: nothing to measure"
         )
     batches, total = _batches(blocks, batch_size)
     device = _input_device(model)
@@ -103,11 +104,16 @@ def collect_importance(
     sums, counts, axes = {}, {}, {}
     for target, acc, rows in zip(targets, reduced, rows_per_target):
         if acc is None or rows == 0:
-            skipped[target.tensor_name] = "received no tokens"
+            # An expert no token was routed to, under each of its tensors.
+            skipped.update(dict.fromkeys(target.tensor_names, NO_TOKENS))
             continue
-        sums[target.tensor_name] = acc.cpu()
-        counts[target.tensor_name] = rows
-        axes[target.tensor_name] = target.input_axis
+        total = acc.cpu()
+        for index, name in enumerate(target.tensor_names):
+            # Aliases (an expert's up projection beside its gate projection)
+            # get their own copy: safetensors refuses tensors sharing memory.
+            sums[name] = total if index == 0 else total.clone()
+            counts[name] = rows
+            axes[name] = target.input_axis
     LOG.info(
         "measured %d tensors over %d tokens; skipped %d (%s)",
         len(sums),

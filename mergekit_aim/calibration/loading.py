@@ -1,6 +1,7 @@
 """Loading the base model for calibration: device placement, dtype, offload.
 
-:func:`load_base_model` puts a causal LM on one device (or spreads it with
+:func:`load_base_model` puts a causal LM (or a vision-language model, whose
+text path is measured) on one device (or spreads it with
 ``device="auto"``) in the calibration dtype, optionally capping the memory its
 weights may occupy and streaming the rest from disk; the host-memory side of
 that is :mod:`mergekit_aim.calibration.host_memory`.
@@ -52,6 +53,10 @@ def load_base_model(
 ) -> nn.Module:
     """Load a causal LM for calibration on ``device``.
 
+    A checkpoint whose config names a class that is no causal LM (a
+    vision-language model such as Qwen2-VL) is loaded with that class; its
+    text path is what calibration measures (see :func:`calibration_model_class`).
+
     ``max_memory`` (e.g. "4GiB") caps what the weights may occupy on the
     device and in CPU memory; accelerate's big-model inference places the
     rest on disk and streams it in layer by layer. accelerate keeps one layer's
@@ -73,8 +78,6 @@ def load_base_model(
     directly. Both are in :mod:`mergekit_aim.calibration.host_memory`. The
     peak is then about the cap plus the fixed cost of a run.
     """
-    from transformers import AutoModelForCausalLM
-
     kwargs: dict[str, Any] = {}
     if max_memory is not None:
         compute = "cpu" if device.startswith("cpu") else _device_index(device)
@@ -92,7 +95,10 @@ def load_base_model(
     )
     try:
         with release:
-            model = AutoModelForCausalLM.from_pretrained(
+            model_class = calibration_model_class(
+                path, trust_remote_code=trust_remote_code
+            )
+            model = model_class.from_pretrained(
                 path,
                 dtype=resolve_dtype(dtype, device),
                 trust_remote_code=trust_remote_code,
@@ -100,12 +106,33 @@ def load_base_model(
             )
     except Exception as error:
         raise CalibrationError(
-            f"could not load base model {path} as a causal LM for calibration: "
+            f"could not load base model {path} for calibration: "
             f"{type(error).__name__}: {error}"
         ) from error
     if max_memory is not None:
         host_memory.trim_heap()
     return model
+
+
+def calibration_model_class(path: str, *, trust_remote_code: bool = False) -> Any:
+    """The class to load ``path`` with: ``AutoModelForCausalLM`` when it knows
+    the config, else the class the config's ``architectures`` names (e.g.
+    ``Qwen2VLForConditionalGeneration``), whose text path takes ``input_ids``
+    alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mergekit_aim.names import model_class_for
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception:
+        # Let from_pretrained report what is wrong with the checkpoint.
+        return AutoModelForCausalLM
+    if type(config) in AutoModelForCausalLM._model_mapping or getattr(
+        config, "auto_map", None
+    ):
+        return AutoModelForCausalLM
+    return model_class_for(config) or AutoModelForCausalLM
 
 
 def _device_index(device: str) -> Any:

@@ -5,9 +5,13 @@
 and adds, per forward pass, the sum of |x| over all tokens of the module's
 input to a float32 accumulator on the input's own device, through the
 ``channel_abs_sum`` kernel, once per distinct input tensor (q/k/v projections
-share one). Nothing is copied to the host until the end, and no activation
-outlives the forward pass. Sums and token counts (not means) make results
-additive across batches, ranks and runs; the statistic's name is
+share one). Stacked experts (:data:`~mergekit_aim.calibration.targets.ROUTED_EXPERTS`)
+get one hook per module that sums, per expert, the hidden-state rows routed to
+it and its intermediate activation; it reads the per-expert token counts on the
+host once per layer, as the experts' own forward pass does. Nothing else is
+copied to the host until the end, and no activation outlives the forward
+pass. Sums and token counts (not means) make results additive across
+batches, ranks and runs; the statistic's name is
 :data:`mergekit_aim.importance.STATISTIC`, which the artifact records.
 
 An input holding inf or NaN (activations that overflowed a float16
@@ -22,9 +26,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from mergekit_aim.calibration.targets import FIRST_INPUT, Target
+from mergekit_aim.calibration.targets import (
+    DOWN,
+    FIRST_INPUT,
+    GATE_UP,
+    ROUTED_EXPERTS,
+    Target,
+)
 from mergekit_aim.errors import CalibrationError
 from mergekit_aim.importance import STATISTIC
 
@@ -63,10 +74,10 @@ class ChannelStatistics:
     def __enter__(self) -> ChannelStatistics:
         modules = dict(self.model.named_modules())
         try:
-            for index, target in enumerate(self.targets):
-                module = modules[target.module_name]
+            for indices in self._hook_groups():
+                module = modules[self.targets[indices[0]].module_name]
                 self._handles.append(
-                    self._observe(index, module, module is self._stop_at)
+                    self._observe(indices, module, module is self._stop_at)
                 )
             if self._stop_at is not None and not any(
                 modules[t.module_name] is self._stop_at for t in self.targets
@@ -90,20 +101,41 @@ class ChannelStatistics:
 
     # --- hook strategies ----------------------------------------------------
 
-    def _observe(self, index: int, module: nn.Module, stop: bool) -> Any:
-        """Attach the hook target ``index``'s kind declares; return its handle.
+    def _hook_groups(self) -> list[list[int]]:
+        """Target indices that share one hook: each :data:`FIRST_INPUT` target
+        alone; all :data:`ROUTED_EXPERTS` targets of one module together."""
+        groups: list[list[int]] = []
+        shared: dict[tuple[str, str], list[int]] = {}
+        for index, target in enumerate(self.targets):
+            if target.hook == ROUTED_EXPERTS:
+                key = (target.module_name, target.hook)
+                if key not in shared:
+                    shared[key] = []
+                    groups.append(shared[key])
+                shared[key].append(index)
+            else:
+                groups.append([index])
+        return groups
+
+    def _observe(self, indices: list[int], module: nn.Module, stop: bool) -> Any:
+        """Attach the hook the targets ``indices`` (one module's) declare;
+        return its handle.
 
         The one dispatch point on :attr:`Target.hook`: a new strategy is a new
         case here plus its hook, which ends in :meth:`_accumulate`.
         """
-        strategy = self.targets[index].hook
+        first = self.targets[indices[0]]
+        strategy = first.hook
         if strategy == FIRST_INPUT:
             return module.register_forward_pre_hook(
-                self._first_input_hook(index, stop), with_kwargs=True
+                self._first_input_hook(indices[0], stop), with_kwargs=True
+            )
+        if strategy == ROUTED_EXPERTS:
+            return module.register_forward_pre_hook(
+                self._routed_experts_hook(indices), with_kwargs=True
             )
         raise CalibrationError(
-            f"module {self.targets[index].module_name}: no observer for hook "
-            f"strategy {strategy!r}"
+            f"module {first.module_name}: no observer for hook strategy {strategy!r}"
         )
 
     def _first_input_hook(self, index: int, stop: bool):
@@ -122,6 +154,51 @@ class ChannelStatistics:
             self._accumulate(index, self._abs_sum(x), x.numel() // target.channels)
             if stop:
                 raise StopForward
+
+        return hook
+
+    def _routed_experts_hook(self, indices: list[int]):
+        """Per expert: Σ|x| over the hidden-state rows routed to it (gate/up
+        input) and over its intermediate activation ``act(gate) * up`` (down
+        input), computed from the module's own weights as its forward does."""
+        by_expert: dict[int, dict[str, int]] = {}
+        for index in indices:
+            target = self.targets[index]
+            by_expert.setdefault(target.expert, {})[target.role] = index
+        module_name = self.targets[indices[0]].module_name
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden, routing = _expert_arguments(args, kwargs)
+            gate_up = module.gate_up_proj
+            num_experts, _, channels = gate_up.shape
+            if hidden is None or routing is None or hidden.shape[-1] != channels:
+                got_x = None if hidden is None else tuple(hidden.shape)
+                got_k = None if routing is None else tuple(routing.shape)
+                raise CalibrationError(
+                    f"module {module_name} ({type(module).__name__}) got hidden "
+                    f"states {got_x} and expert indices {got_k}; expected "
+                    f"[tokens, {channels}] and [tokens, top_k]"
+                )
+            for index in indices:
+                self._reached(index)
+            x = hidden.detach().reshape(-1, channels)
+            routing = routing.reshape(x.shape[0], -1)
+            experts = torch.arange(num_experts, device=routing.device)
+            # hit[t, e]: token t is routed to expert e (indices past the last
+            # expert, expert parallelism's sentinels, match none).
+            hit = (routing.unsqueeze(-1) == experts).any(dim=1)
+            counts = hit.sum(dim=0).tolist()  # one host sync per layer
+            for expert, count in enumerate(counts):
+                roles = by_expert.get(expert)
+                if not count or not roles:
+                    continue
+                rows = hit[:, expert].nonzero().squeeze(1).to(x.device)
+                x_e = x.index_select(0, rows)
+                if GATE_UP in roles:
+                    self._accumulate(roles[GATE_UP], _channel_abs_sum(x_e), count)
+                if DOWN in roles:
+                    inner = module._apply_gate(F.linear(x_e, gate_up[expert]))
+                    self._accumulate(roles[DOWN], _channel_abs_sum(inner), count)
 
         return hook
 
@@ -149,15 +226,10 @@ class ChannelStatistics:
         self.rows[index] += rows
 
     def _abs_sum(self, x: torch.Tensor) -> torch.Tensor:
-        from mergekit_aim.kernels import channel_abs_sum
-
         last = self._last
         if last is not None and last[0] is x and last[1] == x._version:
             return last[2]
-        # On CUDA the custom op dispatches to Triton; on CPU calling the torch
-        # kernel directly saves the dispatcher's ~50 µs per call.
-        backend = "auto" if x.device.type == "cuda" else "torch"
-        total = channel_abs_sum(x.detach(), backend=backend)
+        total = _channel_abs_sum(x.detach())
         # Holding x until the next distinct input costs no memory the forward
         # pass does not hold anyway, and keeps its identity from being reused.
         self._last = (x, x._version, total)
@@ -198,6 +270,34 @@ class ChannelStatistics:
     def non_finite_error(self, index: int) -> CalibrationError:
         """The error for target ``index`` having received inf or NaN input."""
         return non_finite_error(self.model, self.targets[index])
+
+
+def _channel_abs_sum(x: torch.Tensor) -> torch.Tensor:
+    """Σ|x| per channel (last dimension) in float32."""
+    from mergekit_aim.kernels import channel_abs_sum
+
+    # On CUDA the custom op dispatches to Triton; on CPU calling the torch
+    # kernel directly saves the dispatcher's ~50 µs per call.
+    backend = "auto" if x.device.type == "cuda" else "torch"
+    return channel_abs_sum(x, backend=backend)
+
+
+#: The stacked experts' forward signature in transformers.
+_EXPERT_ARGUMENTS = ("hidden_states", "top_k_index", "top_k_weights")
+
+
+def _expert_arguments(
+    args: tuple, kwargs: dict
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``hidden_states`` and ``top_k_index``, given positionally or by name."""
+    bound = dict(zip(_EXPERT_ARGUMENTS, args))
+    for name in _EXPERT_ARGUMENTS:
+        if name in kwargs:
+            bound[name] = kwargs[name]
+    hidden, routing = bound.get("hidden_states"), bound.get("top_k_index")
+    if not isinstance(hidden, torch.Tensor) or not isinstance(routing, torch.Tensor):
+        return None, None
+    return hidden, routing
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:

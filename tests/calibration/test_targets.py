@@ -31,7 +31,13 @@ class _Tiny(nn.Module):
 
 def test_every_kind_declares_a_known_strategy():
     kinds = target_kinds()
-    assert {kind.name for kind in kinds} == {"linear", "conv1d", "norm"}
+    assert {kind.name for kind in kinds} == {
+        "linear",
+        "conv1d",
+        "router",
+        "experts",
+        "norm",
+    }
     assert all(kind.hook in HOOK_STRATEGIES for kind in kinds)
     targets, _ = find_targets(_Tiny())
     assert [(t.tensor_name, t.hook) for t in targets] == [
