@@ -166,6 +166,7 @@ class ChannelStatistics:
             target = self.targets[index]
             by_expert.setdefault(target.expert, {})[target.role] = index
         module_name = self.targets[indices[0]].module_name
+        measures_down = any(DOWN in roles for roles in by_expert.values())
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden, routing = _expert_arguments(args, kwargs)
@@ -182,6 +183,8 @@ class ChannelStatistics:
             for index in indices:
                 self._reached(index)
             x = hidden.detach().reshape(-1, channels)
+            if measures_down:
+                gate_up = _resident(module, "gate_up_proj", x.device)
             routing = routing.reshape(x.shape[0], -1)
             experts = torch.arange(num_experts, device=routing.device)
             # hit[t, e]: token t is routed to expert e (indices past the last
@@ -270,6 +273,28 @@ class ChannelStatistics:
     def non_finite_error(self, index: int) -> CalibrationError:
         """The error for target ``index`` having received inf or NaN input."""
         return non_finite_error(self.model, self.targets[index])
+
+
+def _resident(module: nn.Module, name: str, device: torch.device) -> torch.Tensor:
+    """Parameter ``name`` of ``module`` with its values, on ``device``.
+
+    Under offload (``max_memory``) accelerate keeps an offloaded module's
+    weights on the meta device and loads them inside the module's wrapped
+    forward, after forward pre-hooks have run; the values are then read from
+    the offload hook's weights map, as that forward would read them.
+    """
+    weight = getattr(module, name)
+    if weight.device.type != "meta":
+        return weight if weight.device == device else weight.to(device)
+    hook = getattr(module, "_hf_hook", None)
+    for candidate in (hook, *getattr(hook, "hooks", ())):
+        weights = getattr(candidate, "weights_map", None)
+        if weights is not None and name in weights:
+            return weights[name].to(device=device, dtype=weight.dtype)
+    raise CalibrationError(
+        f"module {type(module).__name__}: parameter {name} is on the meta device "
+        f"and no offload hook holds its values"
+    )
 
 
 def _channel_abs_sum(x: torch.Tensor) -> torch.Tensor:

@@ -292,3 +292,21 @@ def test_an_unsupported_experts_layout_is_reported_not_measured():
         "experts.gate_up_proj": EXPERTS_LAYOUT,
         "experts.down_proj": EXPERTS_LAYOUT,
     }
+
+
+def test_offloaded_experts_measure_the_same(moe_checkpoint):
+    # Under max_memory accelerate keeps offloaded experts on the meta device
+    # until their own forward: the hook reads the values it would load.
+    path = str(moe_checkpoint("qwen2_moe"))
+    names = set(load_file(f"{path}/model.safetensors"))
+    resident = load_base_model(path, device="cpu", dtype="float32")
+    blocks = _blocks(resident.config.vocab_size, count=4)
+    offloaded = load_base_model(path, device="cpu", dtype="float32", max_memory="64KB")
+    experts = offloaded.get_submodule("model.layers.1.mlp.experts")
+    assert experts.gate_up_proj.device.type == "meta"
+    expect = collect_importance(resident, blocks, batch_size=2, checkpoint_names=names)
+    got = collect_importance(offloaded, blocks, batch_size=2, checkpoint_names=names)
+    assert set(got) == set(expect)
+    for name in expect:
+        torch.testing.assert_close(got[name], expect[name], rtol=1e-5, atol=1e-5)
+        assert got.count(name) == expect.count(name)
