@@ -182,21 +182,32 @@ class ChannelStatistics:
                 )
             for index in indices:
                 self._reached(index)
-            x = hidden.detach().reshape(-1, channels)
+            weight = module.gate_up_proj
+            # Measure where the experts' weights are (accelerate moves the
+            # inputs there only after pre-hooks run); offloaded weights come
+            # to the input's device instead.
+            device = hidden.device if weight.device.type == "meta" else weight.device
+            x = hidden.detach().reshape(-1, channels).to(device)
+            routing = routing.reshape(x.shape[0], -1).to(device)
             if measures_down:
-                gate_up = _resident(module, "gate_up_proj", x.device)
-            routing = routing.reshape(x.shape[0], -1)
-            experts = torch.arange(num_experts, device=routing.device)
-            # hit[t, e]: token t is routed to expert e (indices past the last
-            # expert, expert parallelism's sentinels, match none).
-            hit = (routing.unsqueeze(-1) == experts).any(dim=1)
-            counts = hit.sum(dim=0).tolist()  # one host sync per layer
-            for expert, count in enumerate(counts):
+                gate_up = _resident(module, "gate_up_proj", device)
+            # Every (token, expert) routing pair, grouped by expert: one sort
+            # and one host read of the per-expert counts for the whole layer.
+            # Indices past the last expert (expert parallelism's sentinels)
+            # belong to no expert here.
+            experts = routing.reshape(-1)
+            tokens = torch.arange(x.shape[0], device=device).repeat_interleave(
+                routing.shape[1]
+            )
+            valid = experts < num_experts
+            experts, tokens = experts[valid], tokens[valid]
+            order = torch.argsort(experts, stable=True)
+            counts = torch.bincount(experts, minlength=num_experts).tolist()
+            routed = x.index_select(0, tokens[order]).split(counts)
+            for expert, (count, x_e) in enumerate(zip(counts, routed)):
                 roles = by_expert.get(expert)
                 if not count or not roles:
                     continue
-                rows = hit[:, expert].nonzero().squeeze(1).to(x.device)
-                x_e = x.index_select(0, rows)
                 if GATE_UP in roles:
                     self._accumulate(roles[GATE_UP], _channel_abs_sum(x_e), count)
                 if DOWN in roles:
@@ -276,7 +287,8 @@ class ChannelStatistics:
 
 
 def _resident(module: nn.Module, name: str, device: torch.device) -> torch.Tensor:
-    """Parameter ``name`` of ``module`` with its values, on ``device``.
+    """Parameter ``name`` of ``module`` with its values (on ``device`` when
+    they are read from an offload hook).
 
     Under offload (``max_memory``) accelerate keeps an offloaded module's
     weights on the meta device and loads them inside the module's wrapped
@@ -285,7 +297,7 @@ def _resident(module: nn.Module, name: str, device: torch.device) -> torch.Tenso
     """
     weight = getattr(module, name)
     if weight.device.type != "meta":
-        return weight if weight.device == device else weight.to(device)
+        return weight
     hook = getattr(module, "_hf_hook", None)
     for candidate in (hook, *getattr(hook, "hooks", ())):
         weights = getattr(candidate, "weights_map", None)

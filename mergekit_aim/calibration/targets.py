@@ -280,6 +280,9 @@ def _expert_targets(
         ):
             if not tensors:
                 continue
+            # Sorted, so that the primary name does not depend on the order
+            # the checkpoint's names came in (w1 before w3, gate_ before up_).
+            tensors = sorted(tensors)
             targets.append(
                 Target(
                     module_name,

@@ -310,3 +310,40 @@ def test_offloaded_experts_measure_the_same(moe_checkpoint):
     for name in expect:
         torch.testing.assert_close(got[name], expect[name], rtol=1e-5, atol=1e-5)
         assert got.count(name) == expect.count(name)
+
+
+def test_routed_experts_hook_takes_positional_or_keyword_arguments(moe_checkpoint):
+    from mergekit_aim.calibration.observer import ChannelStatistics
+
+    path = moe_checkpoint("mixtral")
+    model = load_base_model(str(path), device="cpu", dtype="float32")
+    tensors = load_file(str(path / "model.safetensors"))
+    targets, _ = find_targets(model, set(tensors))
+    experts = model.get_submodule("model.layers.1.mlp.experts")
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 32, generator=generator)
+    index = torch.tensor([[0, 2], [2, 0], [1, 2], [2, 1], [0, 1], [1, 0], [2, 0]])
+    weights = torch.full((7, 2), 0.5)
+    with ChannelStatistics(model, targets) as stats, torch.no_grad():
+        experts(x, index, weights)
+        experts(x, top_k_index=index, top_k_weights=weights)
+        experts(hidden_states=x, top_k_index=index, top_k_weights=weights)
+    by_name = dict(zip((t.tensor_name for t in targets), zip(stats.sums, stats.rows)))
+    prefix = "model.layers.1.block_sparse_moe.experts"
+    for expert in range(NUM_EXPERTS):
+        rows = (index == expert).any(-1)
+        gate = f"{prefix}.{expert}.w1.weight"
+        total, count = by_name[gate]
+        assert count == 3 * int(rows.sum())
+        if not rows.any():
+            assert total is None
+            continue
+        torch.testing.assert_close(
+            total.double(), 3 * _abs_sum(x[rows]), rtol=1e-5, atol=1e-5
+        )
+        w1, w3 = tensors[gate], tensors[f"{prefix}.{expert}.w3.weight"]
+        inner = F.silu(x[rows] @ w1.T) * (x[rows] @ w3.T)
+        total, count = by_name[f"{prefix}.{expert}.w2.weight"]
+        torch.testing.assert_close(
+            total.double(), 3 * _abs_sum(inner), rtol=1e-5, atol=1e-5
+        )
