@@ -296,23 +296,47 @@ def test_moe_merge_relaxes_every_expert_and_router(family, moe_families, tmp_pat
     assert len(report["coverage"]["experts_without_statistic"]) == 2
 
 
-def test_tune_runs_on_a_moe_merge(moe_families, tmp_path, tiny_text):
-    from mergekit_aim.tuning import tune
+def test_tune_runs_on_a_moe_merge(moe_families, tmp_path, tiny_text, monkeypatch):
+    """tune relaxes the loaded merged model's fused experts in memory (their
+    parameter names are mergekit's) and writes the pick (forced to ω = 0
+    here) as ``relax`` would."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mergekit_aim.offline import relax_checkpoint
+    from mergekit_aim.tuning import search, tune
+    from mergekit_aim.tuning.evaluation import evaluate_loss
+
+    monkeypatch.setattr(search, "_choose", lambda rows: rows[0])
     base, variants, artifact = moe_families("mixtral")
     config = write_config(
         tmp_path / "merge.yml", base, variants, aim={"importance": str(artifact)}
     )
+    texts = tiny_text[:20]
     evals = tmp_path / "eval.txt"
-    evals.write_text("\n\n".join(tiny_text[:20]))
+    evals.write_text("\n\n".join(texts))
     out = tmp_path / "tuned"
     result = tune(config, {"stories": evals}, out, omegas=[0.0], seq_len=32, quiet=True)
     assert [row.omega_attention for row in result.rows] == [0.0, 1.0]
+    assert result.chosen.omega_attention == 0.0
+    # ω = 0 moves the merge: the candidate was written into the loaded model.
+    losses = [row.losses["stories"] for row in result.rows]
+    assert losses[0] != losses[1]
     report = json.loads((out / "aim_tune.json").read_text())
     # 8 attention + 5 norm tensors, the LM head, 2 routers, 4 expert stacks.
     assert report["relaxed_tensors"] == 20
-    tuned = load_dir(out)
-    assert tuned["model.layers.0.mlp.experts.gate_up_proj"].shape == (EXPERTS, 48, 16)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    loss = evaluate_loss(
+        model, texts, tokenizer=AutoTokenizer.from_pretrained(out), seq_len=32
+    )
+    assert loss == pytest.approx(losses[0], rel=1e-6)
+    plain_cfg = write_config(tmp_path / "plain.yml", base, variants)
+    run_yaml(plain_cfg, tmp_path / "plain")
+    imap = ImportanceMap.load(artifact)
+    relax_checkpoint(base, tmp_path / "plain", imap, 0.0, tmp_path / "relaxed")
+    expected, written = load_dir(tmp_path / "relaxed"), load_dir(out)
+    assert set(expected) == set(written)
+    for name, tensor in expected.items():
+        assert torch.equal(written[name], tensor), name
 
 
 def test_uncovered_weights_warn_or_refuse(moe_families, tmp_path):
