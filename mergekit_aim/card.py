@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from mergekit_aim.config import PAPER_URL, AimConfig
+from mergekit_aim.selection import elements_text
 
 _FRONT_MATTER = "---\n"
 
@@ -43,6 +44,8 @@ def add_aim_to_card(card: str, aim: AimConfig, report: dict[str, Any]) -> str:
         ),
         f"* importance: {report['source']}",
     ]
+    if "elements" in coverage:
+        lines.insert(-1, f"* {elements_text(coverage)}")
     if provenance.get("base_fingerprint"):
         lines.append(f"* base fingerprint: `{provenance['base_fingerprint'][:16]}`")
     if calibration:
@@ -54,7 +57,21 @@ def add_aim_to_card(card: str, aim: AimConfig, report: dict[str, Any]) -> str:
         lines.append(f"* artifact sha256: `{provenance['file_sha256']}`")
     if aim.exclude:
         lines.append(f"* excluded: {', '.join(f'`{p}`' for p in aim.exclude)}")
+    lines.extend(_gap_lines(coverage))
     return card.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
+
+
+def _gap_lines(coverage: dict[str, Any]) -> list[str]:
+    """The weights with an input that kept the merged value for lack of a
+    statistic, and the experts without one."""
+    lines = []
+    if coverage.get("uncovered"):
+        names = ", ".join(f"`{n}`" for n in coverage["uncovered"])
+        lines.append(f"* no input statistic (merged value kept): {names}")
+    if coverage.get("experts_without_statistic"):
+        names = ", ".join(f"`{n}`" for n in coverage["experts_without_statistic"])
+        lines.append(f"* experts without a statistic (merged value kept): {names}")
+    return lines
 
 
 def add_tag(card: str, tag: str) -> str:
@@ -77,11 +94,14 @@ def relaxed_card(card: str, report: dict[str, Any]) -> str:
     omega_text = (
         f"ω = {omega:g}" if isinstance(omega, float) else (f"ω `{json.dumps(omega)}`")
     )
+    coverage = report.get("coverage", {})
+    elements = f"; {elements_text(coverage)}" if "elements" in coverage else ""
+    gaps = "".join(line + "\n" for line in _gap_lines(coverage))
     section = (
         "\n## Activation-Informed Merging\n\n"
         f"Relaxed after merging with [AIM]({PAPER_URL}) at {omega_text}: "
         f"{report['relaxed']} of {report['tensors']} tensors, toward base model "
-        f"`{report['base_model']}`.\n"
+        f"`{report['base_model']}`{elements}.\n" + ("\n" + gaps if gaps else "")
     )
     return add_tag(card, "aim").rstrip("\n") + "\n" + section
 

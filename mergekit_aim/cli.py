@@ -196,9 +196,11 @@ def relax(
         base, merged, imap, omega, out, exclude=exclude, source=source
     )
     if not quiet:
+        from mergekit_aim.selection import elements_text
+
         click.echo(
             f"wrote {out}: relaxed {report['relaxed']} of {report['tensors']} "
-            f"tensors at omega {omega:g}"
+            f"tensors at omega {omega:g}; {elements_text(report['coverage'])}"
         )
 
 

@@ -8,6 +8,8 @@ aim:
   calibration: {dataset: pile-val, num_samples: 256, seq_len: 512,
                 bos_per_block: auto}
   exclude: ["lm_head"]       # regular expressions on tensor names
+  require_full_coverage: false   # true: a weight with an input (or an expert)
+                                 # without a statistic is an error, not a warning
 ```
 
 Every model forbids unknown keys, so a typo is an error that names the key
@@ -17,7 +19,14 @@ instead of a setting that silently does nothing.
 from __future__ import annotations
 
 from mergekit.config import ParameterSetting
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
 
 # The calibration: mapping's model lives with calibration (its defaults are
 # the CLI's and calibrate()'s too); re-exported here as part of the aim: block.
@@ -40,6 +49,9 @@ class AimConfig(BaseModel):
     importance: str | None = None
     calibration: CalibrationConfig | None = None
     exclude: list[str] = Field(default_factory=list)
+    # Refuse the merge (before anything is written) when a weight with an
+    # input, or an expert of a relaxed stack, has no statistic.
+    require_full_coverage: StrictBool = False
 
     @field_validator("omega")
     @classmethod

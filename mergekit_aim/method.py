@@ -9,7 +9,10 @@ input channels the base model uses most (the formula lives in
 * ``importance`` — an :class:`~mergekit_aim.importance.ImportanceMap` or the
   path of an artifact (paths keep graph tasks hashable; loaded once per process);
 * ``importance_key`` — the artifact key of this tensor's statistic, when it is
-  not the output tensor's name (``slices:`` that move layers).
+  not the output tensor's name (``slices:`` that move layers, a checkpoint
+  tensor transformers renamed); for a stack of experts ``[E, out, in]`` a
+  tuple with one key per expert (``None`` for an expert without a statistic):
+  slice ``e`` is relaxed with expert ``e``'s statistic along its input axis.
 
 A tensor with no statistic, or ω = 1, keeps the inner method's output.
 """
@@ -75,7 +78,10 @@ class AimMergeMethod(MergeMethod):
                 ParameterSpec("omega", _Omega, ParameterScope.SHARED, DEFAULT_OMEGA),
                 ParameterSpec("importance", Any, ParameterScope.SHARED, None),
                 ParameterSpec(
-                    "importance_key", str | None, ParameterScope.SHARED, None
+                    "importance_key",
+                    str | tuple[str | None, ...] | None,
+                    ParameterScope.SHARED,
+                    None,
                 ),
             ),
             contract=dataclasses.replace(inner.spec.contract, base=BasePolicy.REQUIRED),
@@ -113,40 +119,118 @@ class AimMergeMethod(MergeMethod):
     def _relax_group(
         self, group: TensorGroup, merged: torch.Tensor, params: dict[str, Any]
     ) -> torch.Tensor:
-        from mergekit_aim.kernels import aim_relax, aim_relax_
-
         omega = params["omega"]
         importance = _as_map(params["importance"], self.spec.name)
         key = params["importance_key"] or group.metadata.name
-        if omega >= 1.0 or key is None or key not in importance:
+        if omega >= 1.0:
             return merged
+        if isinstance(key, tuple):
+            return self._relax_experts(group, merged, importance, key, float(omega))
+        if key not in importance:
+            return merged
+        base = self._checked_base(group, merged, key)
+        if base is None:
+            return merged
+        vector = importance[key]
+        axis = importance.input_axis(key)
+        _check_channels(group.metadata.name, key, vector, merged.shape, axis)
+        return _relax(merged, base, vector, float(omega), axis, group)
+
+    def _relax_experts(
+        self,
+        group: TensorGroup,
+        merged: torch.Tensor,
+        importance: ImportanceMap,
+        keys: tuple[str | None, ...],
+        omega: float,
+    ) -> torch.Tensor:
+        """Relax ``merged[e]`` with expert ``e``'s statistic, slice by slice;
+        an expert without one keeps the merged slice."""
+        name = group.metadata.name
+        if not any(key is not None and key in importance for key in keys):
+            return merged
+        base = self._checked_base(group, merged, keys)
+        if base is None:
+            return merged
+        if merged.ndim < 2 or merged.shape[0] != len(keys):
+            raise ImportanceError(
+                f"tensor {name}: {len(keys)} experts have statistics, but the "
+                f"weight has shape {tuple(merged.shape)}"
+            )
+        owned = _owns_storage(merged, group)
+        result = merged if owned else merged.clone()
+        for expert, key in enumerate(keys):
+            if key is None or key not in importance:
+                continue
+            vector = importance[key]
+            # The statistic's axis in the expert's own checkpoint tensor (a
+            # matrix), which is what each slice is.
+            axis = importance.input_axis(key) % (merged.ndim - 1)
+            _check_channels(f"{name}[{expert}]", key, vector, merged.shape[1:], axis)
+            _relax_in_place(result[expert], base[expert], vector, omega, axis)
+        return result
+
+    def _checked_base(
+        self, group: TensorGroup, merged: torch.Tensor, key: Any
+    ) -> torch.Tensor | None:
+        """The base tensor, checked against ``merged``; ``None`` when the
+        merge has no floating-point value to relax."""
         base = group.base
         if base is None:
             raise AimConfigError(
                 f"{self.spec.name} needs the base model's {key} to relax it"
             )
         if not merged.is_floating_point():
-            return merged
-        vector = importance[key]
-        axis = importance.input_axis(key)
+            return None
         if base.tensor.shape != merged.shape:
             raise ImportanceError(
                 f"tensor {group.metadata.name}: merged shape {tuple(merged.shape)} "
                 f"differs from the base's {tuple(base.tensor.shape)}"
             )
-        if merged.ndim == 0 or merged.shape[axis] != vector.numel():
-            raise ImportanceError(
-                f"tensor {group.metadata.name}: the statistic {key} has "
-                f"{vector.numel()} channels, but the weight has shape "
-                f"{tuple(merged.shape)} (input axis {axis}): artifact for another "
-                f"model, or a layer mapping the artifact does not cover"
-            )
-        vector = vector.to(merged.device, non_blocking=True)
-        if _owns_storage(merged, group):
-            # The inner method's fresh result: relax it where it lies, saving
-            # an output-sized allocation per tensor.
-            return aim_relax_(merged, base.tensor, vector, float(omega), axis)
-        return aim_relax(base.tensor, merged, vector, float(omega), input_axis=axis)
+        return base.tensor
+
+
+def _check_channels(
+    name: str, key: str, vector: torch.Tensor, shape: Sequence[int], axis: int
+) -> None:
+    if len(shape) == 0 or shape[axis] != vector.numel():
+        raise ImportanceError(
+            f"tensor {name}: the statistic {key} has {vector.numel()} channels, "
+            f"but the weight has shape {tuple(shape)} (input axis {axis}): "
+            f"artifact for another model, or a layer mapping the artifact does "
+            f"not cover"
+        )
+
+
+def _relax(
+    merged: torch.Tensor,
+    base: torch.Tensor,
+    vector: torch.Tensor,
+    omega: float,
+    axis: int,
+    group: TensorGroup,
+) -> torch.Tensor:
+    from mergekit_aim.kernels import aim_relax
+
+    if _owns_storage(merged, group):
+        # The inner method's fresh result: relax it where it lies, saving
+        # an output-sized allocation per tensor.
+        return _relax_in_place(merged, base, vector, omega, axis)
+    vector = vector.to(merged.device, non_blocking=True)
+    return aim_relax(base, merged, vector, omega, input_axis=axis)
+
+
+def _relax_in_place(
+    merged: torch.Tensor,
+    base: torch.Tensor,
+    vector: torch.Tensor,
+    omega: float,
+    axis: int,
+) -> torch.Tensor:
+    from mergekit_aim.kernels import aim_relax_
+
+    vector = vector.to(merged.device, non_blocking=True)
+    return aim_relax_(merged, base, vector, omega, axis)
 
 
 def _owns_storage(merged: torch.Tensor, group: TensorGroup) -> bool:

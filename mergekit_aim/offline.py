@@ -4,6 +4,14 @@ already-merged checkpoint on disk (what the paper's own code offers).
 The checkpoint path streams tensor by tensor: each output shard is written with
 the merged shard's own header (relaxation keeps names, shapes and dtypes), so
 peak memory is a few tensors, not a model.
+
+A merge written by mergekit 0.1.5 names its tensors as transformers' model
+does (a Mixtral's experts fused into ``mlp.experts.gate_up_proj`` ``[E, 2I, H]``,
+its router ``mlp.gate.weight``), while the base checkpoint keeps the names it
+was saved with. Such a tensor's base value is built from the base's checkpoint
+tensors with mergekit's own conversion
+(``mergekit.architecture.conversion.convert_checkpoint_tensors``), and a stack
+of experts is relaxed slice by slice, each expert with its own statistic.
 """
 
 from __future__ import annotations
@@ -26,7 +34,15 @@ from mergekit_aim.config import PAPER_URL
 from mergekit_aim.errors import AimConfigError, ImportanceError
 from mergekit_aim.importance import ImportanceMap
 from mergekit_aim.kernels import omega_value
-from mergekit_aim.selection import Coverage, Selection, layer_positions, setting_json
+from mergekit_aim.selection import (
+    Coverage,
+    Selection,
+    Statistic,
+    elements_text,
+    find_statistic,
+    layer_positions,
+    setting_json,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -44,6 +60,37 @@ def relax(
     return aim_relax(
         base, merged, importance, omega_value(omega), input_axis=input_axis
     )
+
+
+def relax_keyed(
+    base: torch.Tensor,
+    merged: torch.Tensor,
+    importance: ImportanceMap,
+    key: str | tuple[str | None, ...],
+    omega: float,
+) -> torch.Tensor:
+    """``relax`` with the statistic the artifact holds under ``key``, in the
+    merged dtype. A tuple ``key`` is one key per expert of a stack ``[E, …]``:
+    slice ``e`` is relaxed with expert ``e``'s statistic along the input axis
+    of the expert's own weight; an expert whose key is ``None`` keeps its
+    merged slice."""
+    if isinstance(key, str):
+        return relax(
+            base, merged, importance[key], omega, importance.input_axis(key)
+        ).to(merged.dtype)
+    if merged.ndim < 2 or merged.shape[0] != len(key):
+        raise ImportanceError(
+            f"a stack of {len(key)} experts cannot have shape {tuple(merged.shape)}"
+        )
+    result = merged.clone()
+    for expert, name in enumerate(key):
+        if name is None:
+            continue
+        axis = importance.input_axis(name) % (merged.ndim - 1)
+        result[expert] = relax(
+            base[expert], merged[expert], importance[name], omega, axis
+        ).to(merged.dtype)
+    return result
 
 
 def apply_aim(
@@ -82,6 +129,46 @@ def apply_aim(
             base, merged, importance[name], decision.omega, importance.input_axis(name)
         )
     return result
+
+
+def model_type(model_dir: str | os.PathLike) -> str | None:
+    """The ``model_type`` of a checkpoint's ``config.json`` (what selects
+    transformers' conversion), or ``None``."""
+    path = Path(model_dir) / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def vocabulary_names(model_dir: str | os.PathLike) -> set[str]:
+    """Names of the tensors with a vocabulary axis (embeddings, LM heads), as
+    mergekit's architecture for the checkpoint's config lists them; tensors
+    with ``embed`` in their name count too where the architecture is unknown."""
+    names: set[str] = set()
+    try:
+        from mergekit.architecture import arch_info_for_config
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(model_dir))
+        arch = arch_info_for_config(config)
+        for weight in arch.all_weights(config) if arch is not None else ():
+            if weight.vocabulary_axis is not None:
+                names.update((weight.name, *(weight.aliases or ())))
+    except Exception as error:  # unknown or custom architectures
+        LOG.info("no architecture for %s (%s)", model_dir, error)
+    return names
+
+
+def has_input(name: str, statistic: Statistic | None, vocabulary: set[str]) -> bool:
+    """Whether the tensor is a weight with an input (a matrix or a stack of
+    experts, not an embedding): one that a statistic should cover."""
+    return (
+        statistic is not None
+        and statistic.ndim >= 2
+        and name not in vocabulary
+        and "embed" not in name
+    )
 
 
 # --- checkpoints on disk -----------------------------------------------------
@@ -146,9 +233,10 @@ def relax_checkpoint(
         json.dumps(report, indent=2, sort_keys=True, default=str), "utf-8"
     )
     LOG.info(
-        "AIM relax: relaxed %d of %d tensors (ω %s) into %s",
+        "AIM relax: relaxed %d of %d tensors, %s (ω %s) into %s",
         summary["relaxed"],
         summary["tensors"],
+        elements_text(summary),
         json.dumps(report["omega"]),
         out_dir,
     )
@@ -157,12 +245,18 @@ def relax_checkpoint(
 
 @dataclass(frozen=True)
 class CheckpointPair:
-    """A base checkpoint and a merge of it, checked to match tensor for tensor."""
+    """A base checkpoint and a merge of it, checked to match tensor for tensor.
+
+    ``statistics`` maps each merged tensor to the base tensor (or checkpoint
+    tensors, converted) it is relaxed toward and its statistic(s).
+    """
 
     base_dir: str
     merged_dir: str
     base_shards: dict[str, str]
     merged_shards: dict[str, str]
+    statistics: dict[str, Statistic]
+    model_type: str | None = None
 
 
 def check_pair(
@@ -174,7 +268,13 @@ def check_pair(
     source: str = "",
 ) -> CheckpointPair:
     """Refuse a merge that is not of ``base_dir``, an artifact of another base,
-    or an output directory that is one of the inputs; reads headers only."""
+    or an output directory that is one of the inputs; reads headers only.
+
+    A merged tensor matches when the base has it under the same name and
+    shape, or when the base's checkpoint tensors convert to it (transformers'
+    conversion, as mergekit reads them): a renamed tensor of the same shape,
+    or a stack of experts with one slice per expert of the experts' size.
+    """
     from mergekit_aim.checkpoint import read_checkpoint
 
     base_dir, merged_dir = str(base_dir), str(merged_dir)
@@ -188,19 +288,102 @@ def check_pair(
     base_shards = _shards(base_dir)
     merged_shards = _shards(merged_dir)
     merged_ckpt = read_checkpoint(merged_dir)
-    foreign = sorted(n for n in merged_shards if n not in base_shards)
+    statistics = merged_statistics(base_ckpt, merged_ckpt, importance)
+    return CheckpointPair(
+        base_dir,
+        merged_dir,
+        base_shards,
+        merged_shards,
+        statistics,
+        model_type(base_dir),
+    )
+
+
+def merged_statistics(
+    base_ckpt: Any, merged_ckpt: Any, importance: ImportanceMap
+) -> dict[str, Statistic]:
+    """The base tensor and statistic of every tensor of a merge, by name;
+    refuses a tensor the base can produce neither directly nor by conversion,
+    and one whose shape differs from what the base produces."""
+    from mergekit_aim.names import NameMap
+
+    name_maps: list[Any] = []
+
+    def name_map() -> Any:
+        if not name_maps:
+            name_maps.append(NameMap.from_checkpoint(base_ckpt.path, base_ckpt.tensors))
+        return name_maps[0]
+
+    statistics: dict[str, Statistic] = {}
+    foreign = []
+    for name in sorted(merged_ckpt.tensors):
+        found = find_statistic((name,), base_ckpt, importance, name_map)
+        if found is None:
+            foreign.append(name)
+        else:
+            statistics[name] = found
     if foreign:
         raise ImportanceError(
-            f"{merged_dir} is not a merge of {base_dir}: the base has no tensor "
-            f"{', '.join(foreign[:3])}{' …' if len(foreign) > 3 else ''}"
+            f"{merged_ckpt.path} is not a merge of {base_ckpt.path}: the base has "
+            f"no tensor {', '.join(foreign[:3])}{' …' if len(foreign) > 3 else ''}"
         )
-    for name in merged_shards:
-        if base_ckpt.shape(name) != merged_ckpt.shape(name):
-            raise ImportanceError(
-                f"tensor {name}: merged shape {merged_ckpt.shape(name)} differs "
-                f"from the base's {base_ckpt.shape(name)}"
-            )
-    return CheckpointPair(base_dir, merged_dir, base_shards, merged_shards)
+    for name, found in statistics.items():
+        _check_shape(found, merged_ckpt.shape(name), base_ckpt)
+    return statistics
+
+
+def _check_shape(found: Statistic, shape: tuple[int, ...], base_ckpt: Any) -> None:
+    def refuse(expected: Any) -> None:
+        raise ImportanceError(
+            f"tensor {found.name}: merged shape {shape} differs from the base's "
+            f"{expected}"
+        )
+
+    if found.experts is None and len(found.sources) == 1:
+        expected = base_ckpt.shape(found.sources[0])
+        if expected != shape:
+            refuse(expected)
+        return
+    numel = 1
+    for size in shape:
+        numel *= size
+    if numel != found.elements:
+        refuse(f"{found.elements} elements in {', '.join(found.sources[:2])} …")
+    if found.experts is not None:
+        if not shape or shape[0] != len(found.experts):
+            refuse(f"stack of {len(found.experts)} experts")
+        if any(n * shape[0] != numel for n in found.expert_elements):
+            refuse(f"experts of {list(found.expert_elements)} elements")
+
+
+def base_tensor(
+    found: Statistic,
+    read: Any,
+    model_type_name: str | None,
+) -> torch.Tensor:
+    """The base value of a merged tensor: ``read(name)`` of the checkpoint
+    tensor itself, or, for a tensor mergekit names as the model does, the
+    base's checkpoint tensors converted by mergekit's own conversion."""
+    if not found.converted:
+        return read(found.name)
+    if found.experts is None and len(found.sources) == 1:
+        return read(found.sources[0])  # renamed only
+    from mergekit.architecture.conversion import convert_checkpoint_tensors
+
+    sources = {name: (lambda name=name: read(name)) for name in found.sources}
+    try:
+        tensor = convert_checkpoint_tensors(model_type_name, sources, found.name)
+    except Exception as error:
+        raise ImportanceError(
+            f"tensor {found.name}: cannot build the base's value from "
+            f"{', '.join(found.sources[:3])} …: {error}"
+        ) from error
+    if tensor is None:
+        raise ImportanceError(
+            f"tensor {found.name}: transformers' conversion for model type "
+            f"{model_type_name!r} does not build it from the base's tensors"
+        )
+    return tensor
 
 
 def write_relaxed(
@@ -214,19 +397,25 @@ def write_relaxed(
     Each output shard keeps the merged shard's header (names, shapes, dtypes);
     tensors left alone are copied byte for byte. The merge's other files are
     copied too, except its card (the caller writes the card). Relaxed values
-    are ``relax(base, merged, ω)`` cast to the merged dtype, on the CPU.
+    are ``relax(base, merged, ω)`` cast to the merged dtype, on the CPU (a
+    stack of experts slice by slice). Weights with an input that no statistic
+    covers, and experts without one, are logged as warnings.
     """
     from safetensors import safe_open
 
     positions = layer_positions(pair.merged_shards)
+    vocabulary = vocabulary_names(pair.merged_dir)
     coverage = Coverage()
     decisions = {}
     for name in sorted(pair.merged_shards):
-        decision = selection.decide(
-            name, name if name in importance else None, positions[name]
+        found = pair.statistics[name]
+        decision = selection.decide(name, found.importance_key, positions[name])
+        coverage.add(
+            name, decision, found, has_input=has_input(name, found, vocabulary)
         )
-        coverage.add(name, decision)
         decisions[name] = decision
+    for gap in coverage.gaps():
+        LOG.warning(gap)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -236,6 +425,9 @@ def write_relaxed(
         if path not in handles:
             handles[path] = safe_open(path, framework="pt")
         return handles[path].get_tensor(name)
+
+    def read_base(name: str) -> torch.Tensor:
+        return tensor(pair.base_shards[name], name)
 
     for shard in sorted(set(pair.merged_shards.values())):
         header, data_start = safetensors_header(shard)
@@ -251,14 +443,17 @@ def write_relaxed(
                 start, end = header[name]["data_offsets"]
                 decision = decisions[name]
                 if decision.relaxed:
+                    found = pair.statistics[name]
                     merged = tensor(shard, name)
-                    result = relax(
-                        tensor(pair.base_shards[name], name),
-                        merged,
-                        importance[name],
-                        decision.omega,
-                        importance.input_axis(name),
-                    ).to(merged.dtype)
+                    base = base_tensor(found, read_base, pair.model_type)
+                    if base.shape != merged.shape:
+                        raise ImportanceError(
+                            f"tensor {name}: merged shape {tuple(merged.shape)} "
+                            f"differs from the base's {tuple(base.shape)}"
+                        )
+                    result = relax_keyed(
+                        base, merged, importance, found.importance_key, decision.omega
+                    )
                     data = result.contiguous().reshape(-1).view(torch.uint8)
                     out.write(data.numpy().tobytes())
                 else:

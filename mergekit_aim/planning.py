@@ -21,7 +21,7 @@ from mergekit_aim.config import PAPER_URL, AimConfig
 from mergekit_aim.errors import AimConfigError
 from mergekit_aim.importance import ImportanceMap, load_cached, resolve_artifact
 from mergekit_aim.method import aim_method
-from mergekit_aim.selection import Coverage
+from mergekit_aim.selection import Coverage, Statistic, elements_text, find_statistic
 
 LOG = logging.getLogger(__name__)
 
@@ -92,6 +92,18 @@ class AimMergeSession:
         self.source = source
         self.selection = aim.selection()
         self.coverage = Coverage()
+        self._name_map: Any = None
+
+    def name_map(self) -> Any:
+        """The base checkpoint's names ↔ the model's (transformers' conversion),
+        built once, on the first tensor whose name the checkpoint lacks."""
+        if self._name_map is None:
+            from mergekit_aim.names import NameMap
+
+            self._name_map = NameMap.from_checkpoint(
+                self.checkpoint.path, self.checkpoint.tensors
+            )
+        return self._name_map
 
     @classmethod
     def prepare(cls, config: Any, options: Any) -> AimMergeSession:
@@ -131,9 +143,15 @@ class AimMergeSession:
                 f"it to the slice's sources"
             )
         base_weight = weights_in[models.index(base)]
-        key = self._statistic_key(base_weight)
+        statistic = self._statistic(base_weight)
+        key = None if statistic is None else statistic.importance_key
         decision = self.selection.decide(weight.name, key, t=cfg_reader.t)
-        self.coverage.add(weight.name, decision)
+        has_input = (
+            statistic is not None
+            and statistic.ndim >= 2
+            and weight.vocabulary_axis is None
+        )
+        self.coverage.add(weight.name, decision, statistic, has_input=has_input)
         if not decision.relaxed:
             return task
         parameters = dict(task.parameters.items())
@@ -147,26 +165,38 @@ class AimMergeSession:
             }
         )
 
-    def _statistic_key(self, base_weight: Any) -> str | None:
+    def _statistic(self, base_weight: Any) -> Statistic | None:
         # The statistic belongs to the base's own tensor (a moved layer in
         # slices: looks up the layer it came from), under whichever of the
-        # weight's names the base checkpoint actually uses.
-        for name in (base_weight.name, *(base_weight.aliases or ())):
-            if name in self.checkpoint:
-                return name if name in self.importance else None
-        return None
+        # weight's names the base checkpoint actually uses; a name mergekit
+        # reads through transformers' conversion (a renamed router, a stack of
+        # experts) takes the statistic(s) of the checkpoint tensors behind it.
+        return find_statistic(
+            (base_weight.name, *(base_weight.aliases or ())),
+            self.checkpoint,
+            self.importance,
+            self.name_map,
+        )
 
     def finish(self, *, quiet: bool = False) -> dict[str, Any]:
         """Report coverage and return what the model card shows.
 
         The one-line summary also goes to stderr unless ``quiet``: mergekit-yaml
         logs only warnings by default, and a user must be able to see that the
-        ``aim:`` block took effect (the per-tensor lists are DEBUG logs).
+        ``aim:`` block took effect (the per-tensor lists are DEBUG logs). Every
+        weight with an input that no statistic covers, and every expert without
+        one, is a WARNING (always shown); with ``aim.require_full_coverage``
+        they are an error, raised here: planning is not over, so mergekit has
+        not created the output directory or written any tensor.
         """
         summary = self.coverage.summary()
         left = ", ".join(f"{n} {reason}" for reason, n in summary["left_alone"].items())
-        line = "AIM coverage: relaxed {} of {} tensors{}; left alone: {}".format(
-            summary["relaxed"], summary["tensors"], _omega_text(summary), left or "none"
+        line = "AIM coverage: relaxed {} of {} tensors{}; left alone: {}; {}".format(
+            summary["relaxed"],
+            summary["tensors"],
+            _omega_text(summary),
+            left or "none",
+            elements_text(summary),
         )
         # A tied LM head is no tensor of its own in the checkpoint, so the
         # counts cannot show it; say outright that it was not relaxed.
@@ -176,11 +206,22 @@ class AimMergeSession:
             line += "; {} tied to the input embedding, not relaxed".format(
                 ", ".join(tied)
             )
+        gaps = self.coverage.gaps()
         LOG.info(line)
         if not quiet:
             from tqdm import tqdm
 
             tqdm.write(line, file=sys.stderr)
+        if gaps and self.aim.require_full_coverage:
+            raise AimConfigError(
+                "aim.require_full_coverage: some weights with an input would keep "
+                "the merged value (nothing was written):\n  "
+                + "\n  ".join(gaps)
+                + "\n(calibrate with data that reaches them, exclude them with "
+                "aim.exclude, or set require_full_coverage: false)"
+            )
+        for gap in gaps:
+            LOG.warning(gap)
         for reason, names in self.coverage.decisions.items():
             LOG.debug("AIM %s: %s", reason, ", ".join(names))
         if summary["relaxed"] == 0:

@@ -45,7 +45,9 @@ from mergekit_aim.errors import AimConfigError
 from mergekit_aim.importance import ImportanceMap
 from mergekit_aim.kernels import omega_value
 from mergekit_aim.selection import (
+    EXCLUDED,
     MLP_FILTERS,
+    NO_STATISTIC,
     Selection,
     is_mlp,
     layer_positions,
@@ -118,6 +120,7 @@ def candidate_tensors(
     importance: ImportanceMap,
     omega_attention: float,
     omega_mlp: float | None = None,
+    keys: Mapping[str, str | tuple[str | None, ...]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One candidate's value of every tensor in ``merged_tensors``.
 
@@ -125,26 +128,26 @@ def candidate_tensors(
     exactly what ``mergekit-aim relax`` writes, with ω = ``omega_mlp`` for MLP
     tensors (when given) and ``omega_attention`` for the others; at ω = 1 the
     merged tensor itself (the plain merge, bit for bit). Every name needs a
-    statistic in ``importance`` and a tensor in ``base_tensors``.
+    tensor in ``base_tensors`` and a statistic in ``importance``: under the
+    name itself, or under ``keys[name]`` (the checkpoint name a renamed
+    tensor's statistic has, or one key per expert of a stack of experts).
     """
-    from mergekit_aim.offline import relax
+    from mergekit_aim.offline import relax_keyed
 
+    keys = keys or {}
     omega_mlp = omega_attention if omega_mlp is None else omega_mlp
     selection = Selection(split_omega(omega_attention, omega_mlp))
     positions = layer_positions(merged_tensors)
     result = {}
     for name, merged in merged_tensors.items():
-        decision = selection.decide(name, name, positions[name])
+        key = keys.get(name, name)
+        decision = selection.decide(name, key, positions[name])
         if not decision.relaxed:
             result[name] = merged
             continue
-        result[name] = relax(
-            base_tensors[name],
-            merged,
-            importance[name],
-            decision.omega,
-            importance.input_axis(name),
-        ).to(merged.dtype)
+        result[name] = relax_keyed(
+            base_tensors[name], merged, importance, key, decision.omega
+        )
     return result
 
 
@@ -297,19 +300,21 @@ def tune_merged(
     base, merged = str(base), str(merged)
     base_ckpt, merged_ckpt = read_checkpoint(base), read_checkpoint(merged)
     imap.check_against(base_ckpt, source=str(importance))
+    # Every tensor of the merge is checked against the base (by name, or by
+    # transformers' conversion of the base's checkpoint tensors, for a merge
+    # mergekit wrote under the model's names); those with a statistic that no
+    # exclude pattern names are the candidates' relaxed tensors.
+    from mergekit_aim.offline import merged_statistics
+
     excluding = Selection(1.0, exclude)
-    names = [
-        n
-        for n in sorted(merged_ckpt.tensors)
-        if n in imap and excluding.excluded_by(n) is None
-    ]
-    for name in names:
-        if base_ckpt.shape(name) != merged_ckpt.shape(name):
-            raise AimConfigError(
-                f"tensor {name}: merged shape {merged_ckpt.shape(name)} differs "
-                f"from the base's {base_ckpt.shape(name)}; is {merged} a merge "
-                f"of {base}?"
-            )
+    statistics = merged_statistics(base_ckpt, merged_ckpt, imap)
+    keys = {}
+    for name, found in statistics.items():
+        key = found.importance_key
+        if excluding.decide(name, key).reason in (EXCLUDED, NO_STATISTIC):
+            continue
+        keys[name] = key
+    names = sorted(keys)
     if split_attention_mlp and not any(is_mlp(n) for n in names):
         raise AimConfigError(
             "split_attention_mlp (--split-attention-mlp): no relaxed tensor of "
@@ -350,12 +355,12 @@ def tune_merged(
 
     model = load_model(merged, device=device, dtype=dtype)
     params = _parameters(model, names)
-    base_tensors = _read_tensors(base_ckpt, names)
+    base_tensors = _base_tensors(base_ckpt, [statistics[n] for n in names], base)
     merged_tensors = _read_tensors(merged_ckpt, names)
     rows = []
     for omega_attention, omega_mlp in grid:
         tensors = candidate_tensors(
-            base_tensors, merged_tensors, imap, omega_attention, omega_mlp
+            base_tensors, merged_tensors, imap, omega_attention, omega_mlp, keys
         )
         with torch.no_grad():
             for name, tensor in tensors.items():
@@ -432,6 +437,21 @@ def _parameters(model: Any, names: Sequence[str]) -> dict[str, torch.Tensor]:
                 f"relax` per ω instead"
             )
     return found
+
+
+def _base_tensors(
+    checkpoint: Any, statistics: Sequence[Any], base_dir: str
+) -> dict[str, torch.Tensor]:
+    """The base value of each merged tensor: read, or converted from the base's
+    checkpoint tensors as mergekit converts them (shapes checked)."""
+    from mergekit_aim.offline import base_tensor, model_type
+
+    wanted = sorted({source for found in statistics for source in found.sources})
+    read = _read_tensors(checkpoint, wanted)
+    kind = model_type(base_dir)
+    return {
+        found.name: base_tensor(found, read.__getitem__, kind) for found in statistics
+    }
 
 
 def _read_tensors(checkpoint: Any, names: Sequence[str]) -> dict[str, torch.Tensor]:
