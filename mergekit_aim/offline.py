@@ -40,8 +40,10 @@ from mergekit_aim.selection import (
     Statistic,
     elements_text,
     find_statistic,
+    has_input,
     layer_positions,
     setting_json,
+    skipped_reason,
 )
 
 LOG = logging.getLogger(__name__)
@@ -158,17 +160,6 @@ def vocabulary_names(model_dir: str | os.PathLike) -> set[str]:
     except Exception as error:  # unknown or custom architectures
         LOG.info("no architecture for %s (%s)", model_dir, error)
     return names
-
-
-def has_input(name: str, statistic: Statistic | None, vocabulary: set[str]) -> bool:
-    """Whether the tensor is a weight with an input (a matrix or a stack of
-    experts, not an embedding): one that a statistic should cover."""
-    return (
-        statistic is not None
-        and statistic.ndim >= 2
-        and name not in vocabulary
-        and "embed" not in name
-    )
 
 
 # --- checkpoints on disk -----------------------------------------------------
@@ -411,7 +402,11 @@ def write_relaxed(
         found = pair.statistics[name]
         decision = selection.decide(name, found.importance_key, positions[name])
         coverage.add(
-            name, decision, found, has_input=has_input(name, found, vocabulary)
+            name,
+            decision,
+            found,
+            has_input=has_input(found, vocabulary=name in vocabulary),
+            why=skipped_reason(importance, found),
         )
         decisions[name] = decision
     for gap in coverage.gaps():

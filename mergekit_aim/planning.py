@@ -21,7 +21,14 @@ from mergekit_aim.config import PAPER_URL, AimConfig
 from mergekit_aim.errors import AimConfigError
 from mergekit_aim.importance import ImportanceMap, load_cached, resolve_artifact
 from mergekit_aim.method import aim_method
-from mergekit_aim.selection import Coverage, Statistic, elements_text, find_statistic
+from mergekit_aim.selection import (
+    Coverage,
+    Statistic,
+    elements_text,
+    find_statistic,
+    has_input,
+    skipped_reason,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -146,12 +153,15 @@ class AimMergeSession:
         statistic = self._statistic(base_weight)
         key = None if statistic is None else statistic.importance_key
         decision = self.selection.decide(weight.name, key, t=cfg_reader.t)
-        has_input = (
-            statistic is not None
-            and statistic.ndim >= 2
-            and weight.vocabulary_axis is None
+        self.coverage.add(
+            weight.name,
+            decision,
+            statistic,
+            has_input=has_input(
+                statistic, vocabulary=weight.vocabulary_axis is not None
+            ),
+            why=skipped_reason(self.importance, statistic),
         )
-        self.coverage.add(weight.name, decision, statistic, has_input=has_input)
         if not decision.relaxed:
             return task
         parameters = dict(task.parameters.items())

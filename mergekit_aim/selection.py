@@ -356,14 +356,48 @@ def find_statistic(
     return None
 
 
+def skipped_reason(importance: Any, statistic: Statistic | None) -> str | None:
+    """Calibration's reason for not measuring a tensor (the artifact's
+    ``skipped`` entry for one of its checkpoint tensors), if it recorded one."""
+    if statistic is None:
+        return None
+    skipped = importance.provenance.get("skipped", {}) or {}
+    for source in statistic.sources:
+        if source in skipped:
+            return str(skipped[source])
+    return None
+
+
+def has_input(statistic: Statistic | None, *, vocabulary: bool) -> bool:
+    """Whether a merged tensor is a weight with an input that a statistic
+    should cover: a matrix or a stack of experts, not an embedding or LM head
+    (``vocabulary``: it has a vocabulary axis) and not a buffer (causal masks,
+    rotary frequencies: names not ending in ``weight`` unless a stack of
+    experts, which transformers names ``gate_up_proj``/``down_proj``)."""
+    if statistic is None or statistic.ndim < 2 or vocabulary:
+        return False
+    if "embed" in statistic.name:
+        return False
+    return (
+        statistic.name.endswith("weight")
+        or statistic.experts is not None
+        or (
+            any(source.endswith("weight") for source in statistic.sources)
+            and statistic.converted
+        )
+    )
+
+
 @dataclass
 class Coverage:
     """Which output tensors were relaxed, which were left alone and why.
 
-    Besides tensors it counts weight elements, and it keeps the gaps: weights
-    with an input (``has_input``: matrices and expert stacks, not embeddings)
-    that no statistic covered, and experts without a statistic in a relaxed
-    stack (both keep the merged value).
+    Besides tensors it counts weight elements, those of the tensors AIM can
+    relax (weights with an input, see :func:`has_input`, and whatever was
+    relaxed, such as norms), so that 100% means every one is covered. It keeps
+    the gaps: weights with an input that no statistic covered (with the reason
+    calibration gave, where it gave one) and experts without a statistic in a
+    relaxed stack (both keep the merged value).
     """
 
     decisions: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
@@ -371,6 +405,7 @@ class Coverage:
     elements: int = 0
     elements_relaxed: int = 0
     uncovered: dict[str, list[str]] = field(default_factory=dict)
+    uncovered_why: dict[str, set[str]] = field(default_factory=dict)
     missing_experts: list[str] = field(default_factory=list)
 
     def add(
@@ -380,27 +415,38 @@ class Coverage:
         statistic: Statistic | None = None,
         *,
         has_input: bool = False,
+        why: str | None = None,
     ) -> None:
+        """Tally one tensor; ``why`` is calibration's reason for a missing
+        statistic (the artifact's ``skipped`` entry), if it gave one."""
         self.decisions[decision.reason].append(tensor)
         if decision.omega is not None:
             self.omegas.append(decision.omega)
         if statistic is None:
             return
-        self.elements += statistic.elements
         if decision.relaxed:
+            self.elements += statistic.elements
             self.elements_relaxed += statistic.relaxed_elements()
             self.missing_experts.extend(statistic.missing_experts())
-        elif decision.reason == NO_STATISTIC and has_input:
-            self.uncovered.setdefault(fold_layers(tensor), []).append(tensor)
+        elif has_input:
+            self.elements += statistic.elements
+            if decision.reason == NO_STATISTIC:
+                group = fold_layers(tensor)
+                self.uncovered.setdefault(group, []).append(tensor)
+                if why:
+                    self.uncovered_why.setdefault(group, set()).add(why)
 
     def gaps(self) -> list[str]:
         """One line per uncovered weight group, and one naming the experts
         without a statistic; empty when every weight with an input is covered."""
-        lines = [
-            f"AIM: no input statistic for {group} ({len(names)} "
-            f"tensor{'s' if len(names) != 1 else ''}): the merged value is kept"
-            for group, names in sorted(self.uncovered.items())
-        ]
+        lines = []
+        for group, names in sorted(self.uncovered.items()):
+            count = f"{len(names)} tensor{'s' if len(names) != 1 else ''}"
+            why = "; ".join(sorted(self.uncovered_why.get(group, ())))
+            lines.append(
+                f"AIM: no input statistic for {group} ({count}"
+                f"{'; ' + why if why else ''}): the merged value is kept"
+            )
         if self.missing_experts:
             lines.append(
                 f"AIM: {len(self.missing_experts)} expert slice(s) without a "
