@@ -185,8 +185,12 @@ def build_blocks(
         raise CalibrationDataError(
             f"calibration data {dataset!r}: none of its {len(rows)} rows gave a "
             f"usable text of 1 to seq_len={seq_len} tokens (longer texts are "
-            f"skipped, as in the paper); raise seq_len or use data with shorter "
-            f"texts (for example `--dataset builtin`)"
+            f"skipped, as in the paper); raise seq_len"
+            + (
+                ""
+                if dataset == BUILTIN
+                else " or use data with shorter texts (for example `--dataset builtin`)"
+            )
         )
     tokens = pack_blocks(texts, seq_len, bos_token_id=bos_id)
     if tokens.shape[0] == 0:

@@ -210,8 +210,17 @@ def test_no_full_block_is_an_error(tmp_path: Path) -> None:
 
 def test_only_too_long_texts_is_an_error(tmp_path: Path) -> None:
     path = write_txt(tmp_path / "long.txt", [words(1, 2, 3), words(4, 5, 6)])
-    with pytest.raises(CalibrationDataError, match=r"none of its 2 rows.*seq_len=3"):
+    with pytest.raises(
+        CalibrationDataError, match=r"none of its 2 rows.*seq_len=3"
+    ) as e:
         build_blocks(str(path), word_tokenizer(), seq_len=3)
+    assert "--dataset builtin" in str(e.value)
+
+
+def test_builtin_too_short_blocks_suggest_seq_len_only() -> None:
+    with pytest.raises(CalibrationDataError, match="raise seq_len") as error:
+        build_blocks("builtin", bpe_tokenizer(), num_samples=4, seq_len=2)
+    assert "--dataset builtin" not in str(error.value)
 
 
 @pytest.mark.parametrize(
