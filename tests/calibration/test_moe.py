@@ -347,3 +347,21 @@ def test_routed_experts_hook_takes_positional_or_keyword_arguments(moe_checkpoin
         torch.testing.assert_close(
             total.double(), 3 * _abs_sum(inner), rtol=1e-5, atol=1e-5
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_experts_on_cuda_measure_as_on_the_cpu(moe_checkpoint, cuda_device, family):
+    # On CUDA every Σ|x| (routed rows, intermediate activations) goes through
+    # the Triton kernel; the statistics and counts must match the CPU run.
+    path = str(moe_checkpoint(family))
+    names = set(load_file(f"{path}/model.safetensors"))
+    cpu = load_base_model(path, device="cpu", dtype="float32")
+    gpu = load_base_model(path, device=str(cuda_device), dtype="float32")
+    blocks = _blocks(cpu.config.vocab_size, count=8, length=32)
+    expect = collect_importance(cpu, blocks, batch_size=4, checkpoint_names=names)
+    got = collect_importance(gpu, blocks, batch_size=4, checkpoint_names=names)
+    assert set(got) == set(expect) and any(".experts." in n for n in got)
+    for name in expect:
+        assert got.count(name) == expect.count(name), name
+        torch.testing.assert_close(got[name], expect[name], rtol=2e-4, atol=1e-4)
