@@ -4,6 +4,9 @@ and without an `aim:` block.
 
 - Pythia (GPT-NeoX): the untied head is ``embed_out.weight`` on disk and
   ``lm_head`` in memory; it must be measured and relaxed like every Linear.
+- Mixtral and Qwen2-MoE: experts are stored one by one on disk, fused in
+  memory and in mergekit's output; every expert slice is relaxed with its own
+  calibrated statistic, the router with its own.
 - Qwen2-VL: the language tower is ``model.layers.*`` on disk and
   ``model.language_model.layers.*`` in memory; it is calibrated with text, and
   the vision tower (``visual.*``) is reported as not measured and kept as merged.
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures.architectures import write_family
+from fixtures.architectures import MOE_LAYOUTS, moe_merged_sources, write_family
 from fixtures.checkpoint_files import load_dir
 from fixtures.reference import aim_expected
 
@@ -51,7 +54,7 @@ def _config(paths: dict[str, Path], aim: str) -> str:
     )
 
 
-@pytest.fixture(scope="module", params=["pythia", "qwen2_vl"])
+@pytest.fixture(scope="module", params=["pythia", "qwen2_vl", "mixtral", "qwen2_moe"])
 def merged(request, tmp_path_factory, tiny_tokenizer, tiny_text_file):
     kind = request.param
     root = tmp_path_factory.mktemp(kind)
@@ -73,13 +76,29 @@ def merged(request, tmp_path_factory, tiny_tokenizer, tiny_text_file):
 
 
 def test_every_measured_weight_is_relaxed_exactly(merged):
-    kind, paths, imap, root, _ = merged
+    kind, paths, imap, root, stderr = merged
     base, plain, aim = (
         load_dir(p) for p in (paths["base"], root / "plain", root / "aim")
     )
     assert set(aim) == set(plain)
     relaxed = 0
     for name, tensor in aim.items():
+        fused = moe_merged_sources(kind, base, name) if kind in MOE_LAYOUTS else None
+        if fused is not None:
+            # An expert stack (slice e with expert e's statistic) or a router.
+            source, slices = fused
+            whole = len(slices) == 1 and source.ndim == 2
+            for index, names in enumerate(slices):
+                got = tensor if whole else tensor[index]
+                was = plain[name] if whole else plain[name][index]
+                if names[0] not in imap:  # an expert no token reached
+                    assert torch.equal(got, was) and names[0] in stderr, names
+                    continue
+                want = source if whole else source[index]
+                expected = aim_expected(want, was, imap[names[0]], OMEGA, -1)
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+                relaxed += not torch.equal(got, was)
+            continue
         if name in imap:
             expected = aim_expected(
                 base[name], plain[name], imap[name], OMEGA, imap.input_axis(name)

@@ -25,6 +25,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from fixtures.architectures import MOE_EXPERTS, moe_config, moe_merged_sources
 from fixtures.checkpoint_files import load_dir
 from fixtures.reference import aim_expected
 from safetensors.torch import load_file, save_file
@@ -35,52 +36,7 @@ pytestmark = pytest.mark.slow
 
 MERGEKIT_YAML = str(Path(sys.executable).with_name("mergekit-yaml"))
 OMEGA = 0.4
-EXPERTS = 4
 LEFT_OUT = (1, 2)  # (layer, expert) with no statistic
-
-# family -> (checkpoint expert prefix, gate, up, down, checkpoint router name)
-LAYOUTS = {
-    "mixtral": ("block_sparse_moe.experts", "w1", "w3", "w2", "block_sparse_moe.gate"),
-    "qwen2_moe": ("mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.gate"),
-    "qwen3_moe": ("mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.gate"),
-}
-
-
-def moe_config(family, vocab_size):
-    from mergekit_aim.demo.models import vocabulary_settings
-
-    common = dict(
-        vocabulary_settings(vocab_size),
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-        num_experts_per_tok=2,
-        tie_word_embeddings=False,
-    )
-    if family == "mixtral":
-        from transformers import MixtralConfig
-
-        return MixtralConfig(**common, intermediate_size=24, num_local_experts=EXPERTS)
-    moe = dict(
-        intermediate_size=24,
-        moe_intermediate_size=24,
-        num_experts=EXPERTS,
-        decoder_sparse_step=1,
-    )
-    if family == "qwen2_moe":
-        from transformers import Qwen2MoeConfig
-
-        return Qwen2MoeConfig(
-            **common,
-            **moe,
-            shared_expert_intermediate_size=32,
-            use_sliding_window=False,
-        )
-    from transformers import Qwen3MoeConfig
-
-    return Qwen3MoeConfig(**common, **moe, head_dim=8)
 
 
 def perturbed_copy(base, out, seed):
@@ -176,29 +132,16 @@ def write_config(path, base, variants, aim=None):
 
 
 def expected_sources(family, base_tensors, imap, name):
-    """(base tensor, [(slice, statistic or None)]) of a merged tensor, built
-    from the checkpoint's per-expert tensors; None for a tensor the merge
-    keeps under its checkpoint name."""
-    prefix, gate, up, down, router = LAYOUTS[family]
-    parts = name.split(".")
-    if ".mlp.experts." in name and not name.endswith(".weight"):
-        layer = parts[2]
-        stem = f"model.layers.{layer}.{prefix}"
-        slices, stats = [], []
-        for e in range(EXPERTS):
-            if name.endswith("gate_up_proj"):
-                pair = [f"{stem}.{e}.{gate}.weight", f"{stem}.{e}.{up}.weight"]
-                slices.append(torch.cat([base_tensors[n] for n in pair], dim=0))
-                stats.append(imap[pair[0]] if pair[0] in imap else None)
-            else:
-                own = f"{stem}.{e}.{down}.weight"
-                slices.append(base_tensors[own])
-                stats.append(imap[own] if own in imap else None)
-        return torch.stack(slices), stats
+    """(base tensor, statistic per expert slice, or the router's statistic) of
+    a merged tensor; None for a tensor kept under its checkpoint name."""
+    found = moe_merged_sources(family, base_tensors, name)
+    if found is None:
+        return None
+    source, slices = found
+    stats = [imap[names[0]] if names[0] in imap else None for names in slices]
     if name.endswith(".mlp.gate.weight"):
-        source = f"model.layers.{parts[2]}.{router}.weight"
-        return base_tensors[source], imap[source] if source in imap else None
-    return None
+        return source, stats[0]
+    return source, stats
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
@@ -256,7 +199,7 @@ def test_moe_merge_relaxes_every_expert_and_router(family, moe_families, tmp_pat
             close(got, aim_expected(source[expert], was, stat, OMEGA, -1))
             assert not torch.equal(got, was), (name, expert)
             checked_experts += 1
-    assert checked_experts == 2 * 2 * EXPERTS - 2
+    assert checked_experts == 2 * 2 * MOE_EXPERTS - 2
 
     stderr = result.stderr
     layer, expert = LEFT_OUT

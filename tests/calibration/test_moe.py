@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures.architectures import MOE_EXPERTS, MOE_FAMILIES, MOE_LAYOUTS, init_moe
 from safetensors.torch import load_file
 
 from mergekit_aim.calibration.forward import collect_importance
@@ -23,69 +24,15 @@ from mergekit_aim.calibration.loading import load_base_model
 from mergekit_aim.calibration.targets import EXPERTS_LAYOUT, NO_TOKENS, find_targets
 from mergekit_aim.demo.models import save_checkpoint
 
-NUM_EXPERTS = 4
-# Checkpoint names of expert e's tensors in layer L: gate, up, down; the router.
-LAYOUTS = {
-    "mixtral": (
-        "model.layers.{L}.block_sparse_moe.experts.{e}.w1.weight",
-        "model.layers.{L}.block_sparse_moe.experts.{e}.w3.weight",
-        "model.layers.{L}.block_sparse_moe.experts.{e}.w2.weight",
-        "model.layers.{L}.block_sparse_moe.gate.weight",
-    ),
-    "qwen2_moe": (
-        "model.layers.{L}.mlp.experts.{e}.gate_proj.weight",
-        "model.layers.{L}.mlp.experts.{e}.up_proj.weight",
-        "model.layers.{L}.mlp.experts.{e}.down_proj.weight",
-        "model.layers.{L}.mlp.gate.weight",
-    ),
-}
-LAYOUTS["qwen3_moe"] = LAYOUTS["qwen2_moe"]
-FAMILIES = tuple(LAYOUTS)
-
-
-def moe_config(family: str, vocab_size: int):
-    import transformers
-
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts_per_tok=2,
-        tie_word_embeddings=False,
-        max_position_embeddings=128,
-    )
-    if family == "mixtral":
-        return transformers.MixtralConfig(**common, num_local_experts=NUM_EXPERTS)
-    moe = dict(num_experts=NUM_EXPERTS, moe_intermediate_size=24)
-    if family == "qwen2_moe":
-        return transformers.Qwen2MoeConfig(
-            **common, **moe, shared_expert_intermediate_size=40
-        )
-    return transformers.Qwen3MoeConfig(**common, **moe, head_dim=8)
-
 
 @pytest.fixture(scope="module")
 def moe_checkpoint(tmp_path_factory, tiny_tokenizer):
     """``moe_checkpoint(family) -> Path`` of a saved tiny MoE with the tokenizer."""
-    from transformers import AutoModelForCausalLM
-
     built: dict[str, Path] = {}
 
     def get(family: str) -> Path:
         if family not in built:
-            config = moe_config(family, len(tiny_tokenizer))
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-                # Larger weights than the initializer's: varied routing (Qwen's
-                # routers start at zero) and activations far from zero.
-                with torch.no_grad():
-                    for name, param in model.named_parameters():
-                        if param.ndim > 1 and "embed" not in name:
-                            param.normal_(0.0, 0.3)
+            model = init_moe(family, len(tiny_tokenizer), seed=0)
             root = tmp_path_factory.mktemp(f"tiny-{family}")
             built[family] = save_checkpoint(model.eval(), tiny_tokenizer, root)
         return built[family]
@@ -119,7 +66,7 @@ def _drop_expert(router, dropped):
         indices = indices.clone()
         for row in (indices == dropped).any(-1).nonzero().flatten().tolist():
             used = set(indices[row].tolist())
-            spare = next(e for e in range(NUM_EXPERTS) if e not in used)
+            spare = next(e for e in range(MOE_EXPERTS) if e not in used)
             indices[row][indices[row] == dropped] = spare
         return logits, scores, indices
 
@@ -153,7 +100,7 @@ def _reference(model, blocks):
     return inputs, routes
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=MOE_FAMILIES)
 def measured(request, moe_checkpoint):
     """A family's checkpoint, model, tensors, blocks, the map and the reference,
     with layer 0's router never choosing expert 3 (so it gets no token)."""
@@ -175,10 +122,10 @@ def measured(request, moe_checkpoint):
 
 def test_experts_match_an_independent_computation(measured):
     family, model, tensors, blocks, imap, inputs, routes = measured
-    gate_name, up_name, down_name, _ = LAYOUTS[family]
+    gate_name, up_name, down_name, _ = MOE_LAYOUTS[family]
     checked = 0
     for layer, x in inputs.items():
-        for expert in range(NUM_EXPERTS):
+        for expert in range(MOE_EXPERTS):
             rows = (routes[layer] == expert).any(-1)
             names = [
                 n.format(L=layer, e=expert) for n in (gate_name, up_name, down_name)
@@ -198,14 +145,14 @@ def test_experts_match_an_independent_computation(measured):
                 assert imap.input_axis(name) == -1
             checked += 1
     # Most experts got tokens; one was starved on purpose.
-    assert checked >= 2 * NUM_EXPERTS - 2
+    assert checked >= 2 * MOE_EXPERTS - 2
 
 
 def test_gate_and_up_projections_carry_the_same_statistic(measured):
     family, _, tensors, _, imap, _, _ = measured
-    gate_name, up_name, _, _ = LAYOUTS[family]
+    gate_name, up_name, _, _ = MOE_LAYOUTS[family]
     for layer in range(2):
-        for expert in range(NUM_EXPERTS):
+        for expert in range(MOE_EXPERTS):
             gate = gate_name.format(L=layer, e=expert)
             up = up_name.format(L=layer, e=expert)
             if gate in imap:
@@ -217,7 +164,7 @@ def test_gate_and_up_projections_carry_the_same_statistic(measured):
 
 def test_routers_and_shared_experts_see_every_token(measured):
     family, _, tensors, blocks, imap, inputs, _ = measured
-    router_name = LAYOUTS[family][3]
+    router_name = MOE_LAYOUTS[family][3]
     for layer, x in inputs.items():
         everything = {router_name.format(L=layer)}
         if family == "qwen2_moe":
@@ -239,7 +186,7 @@ def test_routers_and_shared_experts_see_every_token(measured):
 def test_an_expert_without_tokens_is_named_in_skipped(measured):
     family, _, tensors, _, imap, _, routes = measured
     assert not (routes[0] == 3).any()
-    starved = {n.format(L=0, e=3) for n in LAYOUTS[family][:3]}
+    starved = {n.format(L=0, e=3) for n in MOE_LAYOUTS[family][:3]}
     skipped = imap.provenance["skipped"]
     assert {name: skipped.get(name) for name in starved} == dict.fromkeys(
         starved, NO_TOKENS
@@ -250,7 +197,7 @@ def test_an_expert_without_tokens_is_named_in_skipped(measured):
 def test_calibrate_covers_every_checkpoint_weight(moe_checkpoint, tiny_text_file):
     from mergekit_aim import calibrate
 
-    for family in FAMILIES:
+    for family in MOE_FAMILIES:
         path = moe_checkpoint(family)
         imap = calibrate(
             str(path),
@@ -330,7 +277,7 @@ def test_routed_experts_hook_takes_positional_or_keyword_arguments(moe_checkpoin
         experts(hidden_states=x, top_k_index=index, top_k_weights=weights)
     by_name = dict(zip((t.tensor_name for t in targets), zip(stats.sums, stats.rows)))
     prefix = "model.layers.1.block_sparse_moe.experts"
-    for expert in range(NUM_EXPERTS):
+    for expert in range(MOE_EXPERTS):
         rows = (index == expert).any(-1)
         gate = f"{prefix}.{expert}.w1.weight"
         total, count = by_name[gate]
@@ -350,7 +297,7 @@ def test_routed_experts_hook_takes_positional_or_keyword_arguments(moe_checkpoin
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_experts_on_cuda_measure_as_on_the_cpu(moe_checkpoint, cuda_device, family):
     # On CUDA every Σ|x| (routed rows, intermediate activations) goes through
     # the Triton kernel; the statistics and counts must match the CPU run.
