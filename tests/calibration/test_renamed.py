@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.architectures import pythia_config, vl_model
 from safetensors.torch import load_file
 
 from mergekit_aim.calibration.forward import collect_importance
 from mergekit_aim.calibration.targets import VISION_TOWER, find_targets
-from mergekit_aim.demo.models import save_checkpoint
+from mergekit_aim.demo.models import init_model, save_checkpoint
 from mergekit_aim.importance import ImportanceMap
 
 CLI = str(Path(sys.executable).with_name("mergekit-aim"))
@@ -32,20 +33,8 @@ def _abs_sum(x):
 
 
 def test_gpt_neox_untied_head_is_measured_as_embed_out(tmp_path, tiny_tokenizer):
-    from transformers import AutoModelForCausalLM, GPTNeoXConfig
-
-    config = GPTNeoXConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        tie_word_embeddings=False,
-        max_position_embeddings=128,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = init_model(pythia_config(len(tiny_tokenizer)), seed=0)
+    config = model.config
     path = save_checkpoint(model, tiny_tokenizer, tmp_path / "neox")
     names = set(load_file(str(path / "model.safetensors")))
     assert "embed_out.weight" in names and "lm_head.weight" not in names
@@ -79,46 +68,11 @@ def test_gpt2_checkpoint_without_prefix_keeps_its_names(tiny_family):
     assert skipped == {"lm_head.weight": "tied to the input embedding (not relaxed)"}
 
 
-def _tiny_qwen2_vl(vocab_size: int, version: str = "2"):
-    import transformers
-
-    prefix = {"2": "Qwen2VL", "2.5": "Qwen2_5_VL"}[version]
-    config_class = getattr(transformers, prefix + "Config")
-    model_class = getattr(transformers, prefix + "ForConditionalGeneration")
-    config = config_class(
-        text_config=dict(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},
-        ),
-        vision_config=dict(
-            depth=1,
-            embed_dim=16,
-            hidden_size=32 if version == "2" else 16,
-            out_hidden_size=32,
-            intermediate_size=24,
-            num_heads=2,
-            patch_size=2,
-            temporal_patch_size=1,
-            spatial_merge_size=1,
-        ),
-        tie_word_embeddings=False,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return model_class(config).eval()
-
-
 @pytest.mark.slow
 def test_qwen2_vl_text_tower_calibrates_through_the_cli(
     tmp_path, tiny_tokenizer, tiny_text_file
 ):
-    model = _tiny_qwen2_vl(len(tiny_tokenizer))
+    model = vl_model(len(tiny_tokenizer))
     path = save_checkpoint(model, tiny_tokenizer, tmp_path / "qwen2-vl")
     names = set(load_file(str(path / "model.safetensors")))
     out = tmp_path / "imp.safetensors"
@@ -163,7 +117,7 @@ def test_qwen_vl_loads_and_measures_its_text_path(tmp_path, tiny_tokenizer, vers
     from mergekit_aim.calibration.loading import load_base_model
 
     path = save_checkpoint(
-        _tiny_qwen2_vl(len(tiny_tokenizer), version), tiny_tokenizer, tmp_path
+        vl_model(len(tiny_tokenizer), version), tiny_tokenizer, tmp_path
     )
     model = load_base_model(str(path), device="cpu", dtype="float32")
     names = set(load_file(str(path / "model.safetensors")))
