@@ -146,28 +146,13 @@ class AimMergeMethod(MergeMethod):
     ) -> torch.Tensor:
         """Relax ``merged[e]`` with expert ``e``'s statistic, slice by slice;
         an expert without one keeps the merged slice."""
-        name = group.metadata.name
         if not any(key is not None and key in importance for key in keys):
             return merged
         base = self._checked_base(group, merged, keys)
         if base is None:
             return merged
-        if merged.ndim < 2 or merged.shape[0] != len(keys):
-            raise ImportanceError(
-                f"tensor {name}: {len(keys)} experts have statistics, but the "
-                f"weight has shape {tuple(merged.shape)}"
-            )
-        owned = _owns_storage(merged, group)
-        result = merged if owned else merged.clone()
-        for expert, key in enumerate(keys):
-            if key is None or key not in importance:
-                continue
-            vector = importance[key]
-            # The statistic's axis in the expert's own checkpoint tensor (a
-            # matrix), which is what each slice is.
-            axis = importance.input_axis(key) % (merged.ndim - 1)
-            _check_channels(f"{name}[{expert}]", key, vector, merged.shape[1:], axis)
-            _relax_in_place(result[expert], base[expert], vector, omega, axis)
+        result = merged if _owns_storage(merged, group) else merged.clone()
+        relax_experts_(result, base, importance, keys, omega, group.metadata.name)
         return result
 
     def _checked_base(
@@ -188,6 +173,35 @@ class AimMergeMethod(MergeMethod):
                 f"differs from the base's {tuple(base.tensor.shape)}"
             )
         return base.tensor
+
+
+def relax_experts_(
+    stack: torch.Tensor,
+    base: torch.Tensor,
+    importance: ImportanceMap,
+    keys: Sequence[str | None],
+    omega: float,
+    name: str,
+) -> torch.Tensor:
+    """In place, ``stack[e] ← relax(base[e], stack[e])`` with expert ``e``'s
+    statistic ``importance[keys[e]]``, along the input axis of the expert's own
+    checkpoint tensor (a matrix, which is what each slice is); an expert whose
+    key is ``None`` or absent keeps its slice. The one rule for stacks of
+    experts, in a merge and after one (:mod:`mergekit_aim.offline`).
+    Returns ``stack``."""
+    if stack.ndim < 2 or stack.shape[0] != len(keys):
+        raise ImportanceError(
+            f"tensor {name}: {len(keys)} experts have statistics, but the "
+            f"weight has shape {tuple(stack.shape)}"
+        )
+    for expert, key in enumerate(keys):
+        if key is None or key not in importance:
+            continue
+        vector = importance[key]
+        axis = importance.input_axis(key) % (stack.ndim - 1)
+        _check_channels(f"{name}[{expert}]", key, vector, stack.shape[1:], axis)
+        _relax_in_place(stack[expert], base[expert], vector, omega, axis)
+    return stack
 
 
 def _check_channels(

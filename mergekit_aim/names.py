@@ -17,9 +17,10 @@ tensor is made of. Importance artifacts stay keyed by the checkpoint's own names
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,6 +122,16 @@ class NameMap:
     def renamed(self) -> dict[str, str]:
         """Checkpoint → model names wherever they differ."""
         return {c: m for c, (m, _) in self._to_model.items() if c != m}
+
+
+def lazy_name_map(checkpoint: Any) -> Callable[[], NameMap]:
+    """A callable returning the :class:`NameMap` of ``checkpoint`` (a
+    :class:`~mergekit_aim.checkpoint.CheckpointIndex`), built on its first call:
+    building one constructs the model on the meta device, which only a name
+    the checkpoint lacks needs."""
+    return functools.cache(
+        lambda: NameMap.from_checkpoint(checkpoint.path, checkpoint.tensors)
+    )
 
 
 def _model_tensors(model: Any) -> Iterable[tuple[str, Any]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -70,29 +71,21 @@ def relax_keyed(
     importance: ImportanceMap,
     key: str | tuple[str | None, ...],
     omega: float,
+    name: str,
 ) -> torch.Tensor:
     """``relax`` with the statistic the artifact holds under ``key``, in the
-    merged dtype. A tuple ``key`` is one key per expert of a stack ``[E, …]``:
-    slice ``e`` is relaxed with expert ``e``'s statistic along the input axis
-    of the expert's own weight; an expert whose key is ``None`` keeps its
-    merged slice."""
+    merged dtype. A tuple ``key`` is one key per expert of a stack ``[E, …]``,
+    relaxed slice by slice as a merge does (:func:`mergekit_aim.method.relax_experts_`);
+    ``name`` names the tensor in errors."""
     if isinstance(key, str):
         return relax(
             base, merged, importance[key], omega, importance.input_axis(key)
         ).to(merged.dtype)
-    if merged.ndim < 2 or merged.shape[0] != len(key):
-        raise ImportanceError(
-            f"a stack of {len(key)} experts cannot have shape {tuple(merged.shape)}"
-        )
-    result = merged.clone()
-    for expert, name in enumerate(key):
-        if name is None:
-            continue
-        axis = importance.input_axis(name) % (merged.ndim - 1)
-        result[expert] = relax(
-            base[expert], merged[expert], importance[name], omega, axis
-        ).to(merged.dtype)
-    return result
+    from mergekit_aim.method import relax_experts_
+
+    return relax_experts_(
+        merged.clone(), base, importance, key, omega_value(omega), name
+    )
 
 
 def apply_aim(
@@ -296,15 +289,9 @@ def merged_statistics(
     """The base tensor and statistic of every tensor of a merge, by name;
     refuses a tensor the base can produce neither directly nor by conversion,
     and one whose shape differs from what the base produces."""
-    from mergekit_aim.names import NameMap
+    from mergekit_aim.names import lazy_name_map
 
-    name_maps: list[Any] = []
-
-    def name_map() -> Any:
-        if not name_maps:
-            name_maps.append(NameMap.from_checkpoint(base_ckpt.path, base_ckpt.tensors))
-        return name_maps[0]
-
+    name_map = lazy_name_map(base_ckpt)
     statistics: dict[str, Statistic] = {}
     foreign = []
     for name in sorted(merged_ckpt.tensors):
@@ -335,9 +322,7 @@ def _check_shape(found: Statistic, shape: tuple[int, ...], base_ckpt: Any) -> No
         if expected != shape:
             refuse(expected)
         return
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     if numel != found.elements:
         refuse(f"{found.elements} elements in {', '.join(found.sources[:2])} …")
     if found.experts is not None:
@@ -447,7 +432,12 @@ def write_relaxed(
                             f"differs from the base's {tuple(base.shape)}"
                         )
                     result = relax_keyed(
-                        base, merged, importance, found.importance_key, decision.omega
+                        base,
+                        merged,
+                        importance,
+                        found.importance_key,
+                        decision.omega,
+                        name,
                     )
                     data = result.contiguous().reshape(-1).view(torch.uint8)
                     out.write(data.numpy().tobytes())

@@ -21,6 +21,7 @@ from mergekit_aim.config import PAPER_URL, AimConfig
 from mergekit_aim.errors import AimConfigError
 from mergekit_aim.importance import ImportanceMap, load_cached, resolve_artifact
 from mergekit_aim.method import aim_method
+from mergekit_aim.names import lazy_name_map
 from mergekit_aim.selection import (
     Coverage,
     Statistic,
@@ -99,18 +100,9 @@ class AimMergeSession:
         self.source = source
         self.selection = aim.selection()
         self.coverage = Coverage()
-        self._name_map: Any = None
-
-    def name_map(self) -> Any:
-        """The base checkpoint's names ↔ the model's (transformers' conversion),
-        built once, on the first tensor whose name the checkpoint lacks."""
-        if self._name_map is None:
-            from mergekit_aim.names import NameMap
-
-            self._name_map = NameMap.from_checkpoint(
-                self.checkpoint.path, self.checkpoint.tensors
-            )
-        return self._name_map
+        # The base checkpoint's names ↔ the model's (transformers' conversion),
+        # built on the first tensor whose name the checkpoint lacks.
+        self.name_map = lazy_name_map(checkpoint)
 
     @classmethod
     def prepare(cls, config: Any, options: Any) -> AimMergeSession:

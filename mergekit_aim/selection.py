@@ -29,6 +29,7 @@ read at ``t``, the layer's position in the stack (``layer / (layers − 1)``;
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -299,10 +300,7 @@ def find_statistic(
     """
 
     def numel(name: str) -> int:
-        count = 1
-        for size in checkpoint.shape(name) or ():
-            count *= int(size)
-        return count
+        return math.prod(checkpoint.shape(name) or ())
 
     for name in names:
         if name in checkpoint:

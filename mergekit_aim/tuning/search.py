@@ -146,7 +146,7 @@ def candidate_tensors(
             result[name] = merged
             continue
         result[name] = relax_keyed(
-            base_tensors[name], merged, importance, key, decision.omega
+            base_tensors[name], merged, importance, key, decision.omega, name
         )
     return result
 
