@@ -59,15 +59,14 @@ class NameMap:
     def from_model(cls, model: Any, checkpoint_names: Iterable[str]) -> NameMap:
         """The conversion transformers applies to load ``checkpoint_names`` into
         ``model`` (a ``PreTrainedModel``, possibly on the meta device)."""
-        try:
-            from transformers.conversion_mapping import get_model_conversion_mapping
-            from transformers.core_model_loading import (
-                WeightConverter,
-                WeightRenaming,
-                rename_source_key,
-            )
-        except ImportError:  # transformers before the v5 loading API
-            return cls.identity(checkpoint_names)
+        # The loading API of transformers 5, which mergekit 0.1.5 itself uses.
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+
         try:
             transforms = get_model_conversion_mapping(model)
         except Exception as error:  # custom code, unusual classes

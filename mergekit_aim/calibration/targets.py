@@ -142,7 +142,6 @@ def find_targets(
     from mergekit_aim.names import NameMap
 
     kinds = target_kinds()
-    prefix = getattr(model, "base_model_prefix", "") or ""
     if checkpoint_names is None:
         names = NameMap.identity(n for n, _ in model.named_parameters())
     else:
@@ -153,14 +152,9 @@ def find_targets(
     skipped: dict[str, str] = {}
 
     def sources_of(param_name: str) -> list[str]:
-        found = [s.checkpoint for s in names.sources(param_name)]
-        if not found:
-            # NameMap knows the prefix rule too; this keeps a checkpoint saved
-            # from the bare model (GPT-2 without "transformer.") measured
-            # where the conversion is unavailable.
-            fallback = checkpoint_name(param_name, prefix, checkpoint_names)
-            found = [fallback] if fallback is not None else []
-        return found
+        # NameMap applies the head class's prefix rule too (a checkpoint saved
+        # from the bare model, GPT-2 without "transformer.").
+        return [s.checkpoint for s in names.sources(param_name)]
 
     for module_name, module in model.named_modules():
         if any(_is_under(module_name, root) for root in off_text):
@@ -382,22 +376,4 @@ def tied_output_embedding(model: nn.Module) -> nn.Module | None:
         return None
     if getattr(out, "weight", None) is getattr(inp, "weight", object()):
         return out
-    return None
-
-
-def checkpoint_name(
-    param_name: str, prefix: str, names: Collection[str] | None
-) -> str | None:
-    """The checkpoint's name for the model parameter ``param_name``, if any
-    (by equality or the head class's prefix; :class:`NameMap` does the rest)."""
-    if names is None:
-        return param_name
-    candidates = [param_name]
-    # Checkpoints saved from the bare model (e.g. the original GPT-2) omit the
-    # head class's prefix ("transformer.").
-    if prefix and param_name.startswith(prefix + "."):
-        candidates.append(param_name[len(prefix) + 1 :])
-    for name in candidates:
-        if name in names:
-            return name
     return None
