@@ -7,8 +7,19 @@ once, each output written once) divided by its time. Each op is compared with
 ``dst.copy_(src)`` of comparable bytes on the same device (the practical ceiling
 for a streaming pass) and with the eager, unfused torch expression it replaces.
 Results go to ``DIR/kernels.json`` and ``DIR/kernels.md``; the table is printed.
-By default the CPU rows run, then the GPU rows at full sizes where CUDA exists;
-``--device`` runs one device only (``--device cuda`` writes ``kernels-cuda.*``).
+By default the CPU rows run, then the GPU rows where CUDA exists; ``--device``
+runs one device only (``--device cuda`` writes ``kernels-cuda.*``).
+
+On CUDA every op runs over a ladder of shapes, from 1k×1k to the full sizes,
+and two times are taken: the **device time** (CUDA events around one call, the
+L2 cache flushed before it, median of many; the host enqueues the call while the
+flush runs, so launch overhead shows only where it exceeds the flush) and the
+**call time** (wall time of one call followed by a synchronisation: what a
+caller waiting on each result pays, Python and launches included). The copy
+ceiling is measured the same way at the same traffic. The Triton rows are the
+autotuned kernels (``tuned``) and their fixed default configuration
+(``default``, ``MERGEKIT_AIM_TRITON_AUTOTUNE=0``); the configurations the tuner
+picked are written to the JSON.
 """
 
 from __future__ import annotations
@@ -100,8 +111,11 @@ def eager_channel_abs_sum(x: torch.Tensor) -> torch.Tensor:
 def eager_relax(base, merged, importance, omega, axis=-1) -> torch.Tensor:
     a = importance.float().abs()
     s = a / a.max()
+    shape = [1] * merged.dim()
+    shape[axis] = -1
+    f = (1 - s * (1 - omega)).view(shape)
     b = base.float()
-    return (b + (merged.float() - b) * (1 - s * (1 - omega))).to(merged.dtype)
+    return (b + (merged.float() - b) * f).to(merged.dtype)
 
 
 def run_device(device: torch.device, sizes, repeat: int) -> list[dict[str, object]]:
@@ -190,6 +204,155 @@ def run_device(device: torch.device, sizes, repeat: int) -> list[dict[str, objec
     return rows
 
 
+# The CUDA ladder: (activation [N, T, C]) and (weight, input axis).
+CUDA_SUM_SHAPES = (
+    (1, 1024, 1024),
+    (4, 2048, 576),  # a SmolLM2-135M calibration hook at batch 4 × 2048 tokens
+    (4, 2048, 4096),
+    (8, 4096, 4096),
+)
+CUDA_RELAX_SHAPES = (
+    ((1024, 1024), -1),
+    ((4096, 4096), -1),
+    ((14336, 4096), -1),
+    ((4096, 14336), -1),
+    ((4096, 14336), 0),  # statistic along the rows (GPT-2 Conv1D layout)
+    ((4096,), -1),  # a norm weight
+)
+
+
+def device_time(fn: Callable[[], object], repeat: int) -> float:
+    """Median seconds of one call between CUDA events, L2 flushed before each."""
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    pairs = []
+    for _ in range(repeat):
+        flush.zero_()
+        start, end = (
+            torch.cuda.Event(enable_timing=True),
+            torch.cuda.Event(enable_timing=True),
+        )
+        start.record()
+        fn()
+        end.record()
+        pairs.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in pairs) / 1e3
+
+
+def run_cuda(repeat: int) -> list[dict[str, object]]:
+    """The CUDA ladder: Triton (tuned, default), torch, eager, copy."""
+    from mergekit_aim.kernels import _triton
+
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows: list[dict[str, object]] = []
+
+    def copy_time(traffic: int) -> float:
+        src = torch.ones(traffic // 4, dtype=DTYPE, device=device)
+        dst = torch.empty_like(src)
+        return device_time(lambda: dst.copy_(src), repeat)
+
+    def triton_variant(tuned: bool, fn: Callable[[], object]) -> Callable[[], object]:
+        def call() -> object:
+            saved = _triton.AUTOTUNE
+            _triton.AUTOTUNE = tuned
+            try:
+                return fn()
+            finally:
+                _triton.AUTOTUNE = saved
+
+        return call
+
+    def add_rows(op, shape, traffic, variants, eager) -> None:
+        copy_s = copy_time(traffic)
+        eager_s = device_time(eager, repeat)
+        for backend, fn in variants:
+            seconds = device_time(fn, repeat)
+            call_s = timed(fn, device, max(5, repeat // 4))
+            rows.append(
+                {
+                    "op": op,
+                    "backend": backend,
+                    "device": "cuda",
+                    "shape": list(shape),
+                    "dtype": str(DTYPE).replace("torch.", ""),
+                    "ms": seconds * 1e3,
+                    "call_ms": call_s * 1e3,
+                    "gbps": traffic / seconds / 1e9,
+                    "copy_gbps": traffic / copy_s / 1e9,
+                    "fraction_of_copy": copy_s / seconds,
+                    "eager_ms": eager_s * 1e3,
+                    "speedup_vs_eager": eager_s / seconds,
+                }
+            )
+            LOG.info("%s/%s %s: %.3f ms", op, backend, shape, seconds * 1e3)
+
+    for shape in CUDA_SUM_SHAPES:
+        x = torch.randn(shape, device=device, generator=gen).to(DTYPE)
+        traffic = x.numel() * x.element_size() + 4 * shape[-1]
+        variants = [
+            (
+                "triton tuned",
+                triton_variant(True, lambda x=x: channel_abs_sum(x, "triton")),
+            ),
+            (
+                "triton default",
+                triton_variant(False, lambda x=x: channel_abs_sum(x, "triton")),
+            ),
+            ("torch", lambda x=x: channel_abs_sum(x, "torch")),
+        ]
+        add_rows(
+            "channel_abs_sum",
+            shape,
+            traffic,
+            variants,
+            lambda x=x: eager_channel_abs_sum(x),
+        )
+        del x
+    for shape, axis in CUDA_RELAX_SHAPES:
+        base = torch.randn(shape, device=device, generator=gen).to(DTYPE)
+        merged = torch.randn(shape, device=device, generator=gen).to(DTYPE)
+        stat = torch.rand(shape[axis], device=device, generator=gen)
+        traffic = 3 * base.numel() * base.element_size() + 4 * stat.numel()
+        scratch = merged.clone()
+
+        def relax(backend, b=base, m=merged, st=stat, ax=axis):
+            return lambda: aim_relax(b, m, st, OMEGA, ax, backend)
+
+        def relax_inplace(backend, b=base, m=scratch, st=stat, ax=axis):
+            return lambda: aim_relax_(m, b, st, OMEGA, ax, backend)
+
+        def eager(b=base, m=merged, st=stat, ax=axis):
+            return eager_relax(b, m, st, OMEGA, ax)
+
+        label = f"aim_relax (axis {axis})" if axis != -1 else "aim_relax"
+        add_rows(
+            label,
+            shape,
+            traffic,
+            [
+                ("triton tuned", triton_variant(True, relax("triton"))),
+                ("triton default", triton_variant(False, relax("triton"))),
+                ("torch", relax("torch")),
+            ],
+            eager,
+        )
+        add_rows(
+            label.replace("aim_relax", "aim_relax_ (in place)"),
+            shape,
+            traffic,
+            [
+                ("triton tuned", triton_variant(True, relax_inplace("triton"))),
+                ("torch", relax_inplace("torch")),
+            ],
+            eager,
+        )
+        del base, merged, scratch
+    return rows
+
+
 def markdown(
     info: dict[str, object], rows: list[dict[str, object]], quick: bool
 ) -> str:
@@ -198,25 +361,34 @@ def markdown(
         f"({info['torch_threads']} torch threads), torch {info['torch']}, "
         f"GPU: {info['gpu'] or 'none'}; {'--quick' if quick else 'full'} sizes.",
         "",
-        "| op | backend | device | shape (bf16) | ms | GB/s | copy GB/s "
-        "| of copy | vs eager |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| op | backend | device | shape (bf16) | ms | call ms | GB/s "
+        "| copy GB/s | of copy | vs eager |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         shape = "×".join(str(n) for n in r["shape"])
+        call = f"{r['call_ms']:.3f}" if "call_ms" in r else "–"
         lines.append(
             f"| {r['op']} | {r['backend']} | {r['device']} | {shape} "
-            f"| {r['ms']:.1f} | {r['gbps']:.1f} | {r['copy_gbps']:.1f} "
+            f"| {r['ms']:.3f} | {call} | {r['gbps']:.1f} | {r['copy_gbps']:.1f} "
             f"| {r['fraction_of_copy']:.0%} | {r['speedup_vs_eager']:.1f}× |"
         )
-    fresh = {r["device"]: r["fresh_copy_gbps"] for r in rows}
+    fresh = {r["device"]: r["fresh_copy_gbps"] for r in rows if "fresh_copy_gbps" in r}
     lines.append("")
-    lines.append(
-        "Copy into a new tensor (`torch.empty_like(M).copy_(M)`, the ceiling for "
-        "an op that returns a new tensor): "
-        + ", ".join(f"{gbps:.1f} GB/s on {dev}" for dev, gbps in fresh.items())
-        + "."
-    )
+    if fresh:
+        lines.append(
+            "Copy into a new tensor (`torch.empty_like(M).copy_(M)`, the ceiling "
+            "for an op that returns a new tensor): "
+            + ", ".join(f"{gbps:.1f} GB/s on {dev}" for dev, gbps in fresh.items())
+            + "."
+        )
+    if any(r["device"] == "cuda" for r in rows):
+        lines.append(
+            "CUDA: *ms* is device time (CUDA events around one call, L2 flushed "
+            "before it, median); *call ms* is one call's wall time with a "
+            "synchronisation after it (host overhead included); *of copy* "
+            "compares device times with `copy_` moving the same bytes."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -253,14 +425,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.device in (None, "cpu"):
         rows += run_device(torch.device("cpu"), sizes, repeat)
     if args.device == "cuda" or (args.device is None and torch.cuda.is_available()):
-        rows += run_device(torch.device("cuda"), FULL, max(repeat, 20))
+        rows += run_cuda(max(repeat, 50))
     table = markdown(info, rows, args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
     name = "kernels" + (f"-{args.device}" if args.device == "cuda" else "")
     name += "-quick" if args.quick else ""
-    (args.out / f"{name}.json").write_text(
-        json.dumps({"machine": info, "quick": args.quick, "results": rows}, indent=2)
-    )
+    payload = {"machine": info, "quick": args.quick, "results": rows}
+    if any(r["device"] == "cuda" for r in rows):
+        from mergekit_aim.kernels import _triton
+
+        payload["triton_autotuned"] = _triton.tuned_configs()
+    (args.out / f"{name}.json").write_text(json.dumps(payload, indent=2))
     (args.out / f"{name}.md").write_text(table)
     sys.stdout.write(table)
     return 0

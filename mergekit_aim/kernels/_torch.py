@@ -21,6 +21,15 @@ from mergekit_aim.kernels._checks import index_blocks, merged_leading_dims
 # ~1 Mi elements per block: 4 MiB of float32 temporaries per buffer. Larger blocks
 # fall out of cache and smaller ones pay Python and dispatch overhead per block.
 BLOCK_ELEMS = 1 << 20
+# On a GPU a block is a few kernel launches, each costing microseconds of host
+# time, while a 1 Mi-element pass takes about one: blocks of 64 Mi elements
+# (256 MiB of float32 per buffer) make the launches negligible and still bound
+# the temporaries for embedding-sized weights.
+DEVICE_BLOCK_ELEMS = 1 << 26
+
+
+def _block_elems(device: torch.device) -> int:
+    return BLOCK_ELEMS if device.type == "cpu" else DEVICE_BLOCK_ELEMS
 
 
 def channel_abs_sum_(acc: torch.Tensor, x: torch.Tensor) -> None:
@@ -33,6 +42,14 @@ def channel_abs_sum_(acc: torch.Tensor, x: torch.Tensor) -> None:
     if x.numel() == 0:
         return
     view = merged_leading_dims(x)
+    if x.device.type != "cpu":
+        # GPU reductions read half-precision input and accumulate in float32
+        # inside one kernel: |x| is never materialised, and there is no cache
+        # to stay inside.
+        source = view.float() if view.dtype == torch.float64 else view
+        dims = tuple(range(view.dim() - 1))
+        acc.add_(torch.linalg.vector_norm(source, 1, dim=dims, dtype=torch.float32))
+        return
     if view.numel() <= 2 * BLOCK_ELEMS:
         # A small input (a calibration hook's, mostly): reduce it in one pass over
         # one float32 temporary, with no running partial to zero and add into;
@@ -73,7 +90,8 @@ def aim_relax(
 
     ``factor`` is :func:`~mergekit_aim.kernels._formula.relax_factor`'s ``f``;
     ``axis`` is non-negative and already validated; ``f`` broadcasts along it.
-    Temporaries: two float32 blocks of ``BLOCK_ELEMS`` and the factor vector.
+    Temporaries: two float32 blocks of ``BLOCK_ELEMS`` (``DEVICE_BLOCK_ELEMS``
+    off the CPU) and the factor vector.
     Each block of ``merged`` is copied out before its block of ``out`` is
     written, so relaxing in place is safe.
     """
@@ -84,10 +102,11 @@ def aim_relax(
     shape = [1] * merged.dim()
     shape[axis] = merged.shape[axis]
     factor = factor.view(shape).expand(merged.shape)
-    size = min(out.numel(), BLOCK_ELEMS)
+    block_elems = _block_elems(out.device)
+    size = min(out.numel(), block_elems)
     base_work = torch.empty(size, dtype=torch.float32, device=out.device)
     merged_work = torch.empty(size, dtype=torch.float32, device=out.device)
-    for index in index_blocks(tuple(out.shape), BLOCK_ELEMS, keep_last=False):
+    for index in index_blocks(tuple(out.shape), block_elems, keep_last=False):
         o = out[index]
         n = o.numel()
         b = base_work[:n].view(o.shape).copy_(base[index])

@@ -4,11 +4,25 @@ Imported lazily by ``_ops``: importing this module imports Triton, and
 ``triton.jit`` reads ``TRITON_INTERPRET`` when it decorates, i.e. right here.
 Nothing queries a driver at import time; device properties are read at launch.
 
-Block sizes follow a fixed heuristic rather than autotuning (both ops are
-memory-bound streaming passes, and autotuning would re-run on every new shape
-of a merge): column tiles of up to 128 (sum) or 256 (relax) elements along the
-contiguous dimension, rows filling a tile of 4096 elements, i.e. 32 elements per
-thread at 4 warps.
+Both ops are memory-bound streaming passes, so what matters is bytes in flight
+per SM and how little else runs around the main kernel:
+
+* ``aim_relax`` is one launch after one reduction: ``max|a|`` comes from a single
+  ``torch.linalg.vector_norm`` call, and the factor ``f = 1 − s·(1 − ω)`` is
+  computed in the kernel, once per column of a tile, from ``a`` and that max
+  (the same expression as ``_formula.relax_factor``; the tests hold the two
+  within float32 rounding). The eager factor would cost nine launches, which at
+  merge sizes take longer than the relaxation itself.
+* ``channel_abs_sum`` reduces row splits into float32 partials and a second
+  small kernel adds the partials into the accumulator in a fixed order, so the
+  result is deterministic (no atomics).
+
+On CUDA, tile sizes and warps are autotuned per shape class (rows and columns
+rounded up to powers of two, the dtypes) over a handful of configurations and
+cached by Triton on disk (``cache_results``), so a merge pays the tuning once per
+shape class per machine, and nothing for later runs. Set
+``MERGEKIT_AIM_TRITON_AUTOTUNE=0`` to use the fixed default configuration. The
+interpreter always runs the default configuration.
 """
 
 from __future__ import annotations
@@ -24,7 +38,57 @@ import triton.language as tl
 from mergekit_aim.kernels._checks import around_axis, merged_leading_dims
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-TILE_ELEMS = 4096
+# Read at each launch (the benchmarks switch it to time the default config).
+AUTOTUNE = not INTERPRET and os.environ.get("MERGEKIT_AIM_TRITON_AUTOTUNE", "1") != "0"
+# _ops computes no factor for this backend: the kernel does (see the docstring).
+FACTOR_IN_KERNEL = True
+
+# (BLOCK_R, BLOCK_C, num_warps) for the relaxation; the first is the default.
+# 8-16 KiB per bf16 tensor per program keeps ~32 KiB of loads in flight per
+# program, several programs per SM, which is what HBM3 latency asks for.
+RELAX_CONFIGS = (
+    (16, 512, 8),
+    (8, 512, 4),
+    (32, 256, 8),
+    (8, 1024, 8),
+    (32, 512, 8),
+    (4, 1024, 4),
+)
+# (BLOCK_N, BLOCK_C, num_warps) for the channel sums; the first is the default.
+SUM_CONFIGS = (
+    (32, 256, 8),
+    (64, 128, 8),
+    (16, 256, 4),
+    (64, 256, 8),
+    (32, 512, 8),
+    (128, 64, 4),
+)
+SUM_PARTIAL_BLOCK = 256
+# Rows a channel-sum program reduces at least: fewer would make the partials'
+# second pass a noticeable share of the traffic.
+MIN_ROWS_PER_PROGRAM = 64
+
+
+def _autotuned(configs, key, names, **options):
+    """Wrap a jitted kernel with Triton's autotuner over ``configs`` (tuples
+    matching ``names`` plus num_warps) when autotuning is on."""
+
+    def wrap(kernel):
+        if INTERPRET:
+            return kernel
+        triton_configs = [
+            triton.Config(dict(zip(names, c[:-1])), num_warps=c[-1]) for c in configs
+        ]
+        return triton.autotune(
+            configs=triton_configs,
+            key=key,
+            warmup=5,
+            rep=20,
+            cache_results=True,
+            **options,
+        )(kernel)
+
+    return wrap
 
 
 @triton.jit
@@ -37,7 +101,9 @@ def _channel_abs_sum_kernel(
     stride_1,  # element stride of the outer leading dim
     stride_2,  # element stride of the inner leading dim (of all rows when FUSED)
     stride_c,  # element stride of the channel dim
-    rows_per_prog,  # rows reduced by one program, a multiple of BLOCK_N
+    rows_per_prog,  # rows reduced by one program (the last one may get fewer)
+    rows_class,  # autotuning key only: rows rounded up to a power of two
+    channels_class,  # autotuning key only: channels rounded up likewise
     FUSED: tl.constexpr,  # leading dims fused into one: no div/mod per row
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -64,15 +130,33 @@ def _channel_abs_sum_kernel(
 
 
 @triton.jit
+def _add_partials_kernel(
+    part_ptr,  # float32 [SPLIT, C] contiguous
+    acc_ptr,  # float32 [C], strided
+    split,  # SPLIT
+    channels,  # C
+    acc_stride,
+    BLOCK: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < channels
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, split):
+        total += tl.load(part_ptr + i * channels + cols, mask=mask, other=0.0)
+    where = acc_ptr + cols.to(tl.int64) * acc_stride
+    tl.store(where, tl.load(where, mask=mask) + total, mask=mask)
+
+
+@triton.jit
 def _aim_relax_kernel(
     base_ptr,  # weight B viewed as [batch, rows, cols]
     merged_ptr,  # weight M, same view, own strides and dtype
-    out_ptr,  # output, same view, merged's dtype
-    factor_ptr,  # float32 factor f, indexed by column (STAT_ON_COLS) or row
+    out_ptr,  # output, same view, merged's dtype (may be merged itself)
+    stat_ptr,  # raw statistic a, indexed by column (STAT_ON_COLS) or row
+    amax_ptr,  # float32 scalar max|a|
+    omega_minus_one,  # ω − 1, float32
     rows,
     cols,
-    col_tiles,  # tiles along cols
-    batch_tiles,  # tiles per batch entry
     b_sb,  # base strides (batch, row, col)
     b_sr,
     b_sc,
@@ -82,26 +166,40 @@ def _aim_relax_kernel(
     o_sb,  # output strides
     o_sr,
     o_sc,
-    factor_stride,
+    stat_stride,
+    rows_class,  # autotuning key only: rows rounded up to a power of two
+    cols_class,  # autotuning key only: cols rounded up likewise
     STAT_ON_COLS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    # Row tiles (times batch entries) on grid axis 0, whose limit is 2**31 − 1:
+    # an LM head's vocabulary rows would overflow axis 1's 65535 tiles.
     pid = tl.program_id(0)
-    batch = (pid // batch_tiles).to(tl.int64)
-    tile = pid % batch_tiles
-    r = (tile // col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = (tile % col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_tiles = tl.cdiv(rows, BLOCK_R)
+    batch = (pid // row_tiles).to(tl.int64)
+    pid_r = pid % row_tiles
+    pid_c = tl.program_id(1)
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     r_mask = r < rows
     c_mask = c < cols
     r64 = r.to(tl.int64)[:, None]
     c64 = c.to(tl.int64)[None, :]
     mask = r_mask[:, None] & c_mask[None, :]
 
+    # f = 1 − s·(1 − ω), s = |a| / max|a| (0 where the max is 0 or NaN), once
+    # per column (or row) of the tile.
+    amax = tl.load(amax_ptr)
+    positive = amax > 0.0
     if STAT_ON_COLS:
-        f = tl.load(factor_ptr + c.to(tl.int64) * factor_stride, mask=c_mask, other=1.0)
+        a = tl.load(stat_ptr + c.to(tl.int64) * stat_stride, mask=c_mask, other=0.0)
     else:
-        f = tl.load(factor_ptr + r.to(tl.int64) * factor_stride, mask=r_mask, other=1.0)
+        a = tl.load(stat_ptr + r.to(tl.int64) * stat_stride, mask=r_mask, other=0.0)
+    s = tl.where(
+        positive, tl.abs(a.to(tl.float32)) / tl.where(positive, amax, 1.0), 0.0
+    )
+    f = s * omega_minus_one + 1.0
     if STAT_ON_COLS:
         f2 = f[None, :]
     else:
@@ -110,12 +208,31 @@ def _aim_relax_kernel(
     b = tl.load(base_ptr + batch * b_sb + r64 * b_sr + c64 * b_sc, mask=mask)
     m = tl.load(merged_ptr + batch * m_sb + r64 * m_sr + c64 * m_sc, mask=mask)
     b = b.to(tl.float32)
-    out = b + (m.to(tl.float32) - b) * f2
+    m = m.to(tl.float32)
+    d = m - b
+    # torch.lerp's two forms: for f ≥ 0.5 from M's side, so that f = 1 (ω = 1,
+    # or s = 0) returns M exactly, as the torch and native backends do.
+    out = tl.where(f2 < 0.5, b + d * f2, m - d * (1.0 - f2))
     tl.store(
         out_ptr + batch * o_sb + r64 * o_sr + c64 * o_sc,
         out.to(out_ptr.dtype.element_ty),
         mask=mask,
     )
+
+
+_channel_abs_sum_tuned = _autotuned(
+    SUM_CONFIGS,
+    key=["rows_class", "channels_class", "FUSED"],
+    names=("BLOCK_N", "BLOCK_C"),
+)(_channel_abs_sum_kernel)
+_aim_relax_tuned = _autotuned(
+    RELAX_CONFIGS,
+    key=["rows_class", "cols_class", "STAT_ON_COLS"],
+    names=("BLOCK_R", "BLOCK_C"),
+    # Tuning runs the kernel several times; when relaxing in place the output
+    # is the merged input, which must be restored between runs.
+    restore_value=["out_ptr"],
+)(_aim_relax_kernel)
 
 
 def _launch_context(device: torch.device):
@@ -127,16 +244,21 @@ def _launch_context(device: torch.device):
 
 
 @functools.cache
-def _programs_wanted(device: torch.device) -> int:
-    """Programs that keep every SM busy: 4 per SM on CUDA, a few elsewhere."""
+def _multiprocessors(device: torch.device) -> int:
     if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return 4 * props.multi_processor_count
-    return 4
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
 
 
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+def _default_meta(configs, names, extents) -> dict[str, int]:
+    """Meta-parameters when not autotuning: the first config, each block shrunk
+    to its extent (a [1, C] norm needs no 16-row tiles)."""
+    meta = {n: min(b, _pow2(e)) for n, b, e in zip(names, configs[0], extents)}
+    return {**meta, "num_warps": configs[0][-1]}
 
 
 def _sum_3d(part_acc: torch.Tensor, x: torch.Tensor) -> None:
@@ -145,17 +267,17 @@ def _sum_3d(part_acc: torch.Tensor, x: torch.Tensor) -> None:
     rows = n1 * n2
     if rows == 0 or channels == 0:
         return
-    fused = n1 == 1
-    block_c = min(128, _pow2(channels))
-    block_n = min(_pow2(rows), max(2, TILE_ELEMS // block_c))
-    col_blocks = triton.cdiv(channels, block_c)
-    row_blocks = triton.cdiv(rows, block_n)
-    wanted = triton.cdiv(_programs_wanted(x.device), col_blocks)
-    split = max(1, min(row_blocks, 65535, wanted))
-    rows_per_prog = triton.cdiv(row_blocks, split) * block_n
+    # Enough programs for every SM a few times over at the narrowest column
+    # tile, each reducing at least MIN_ROWS_PER_PROGRAM rows.
+    narrowest = min(c[1] for c in SUM_CONFIGS)
+    wanted = triton.cdiv(
+        4 * _multiprocessors(x.device), triton.cdiv(channels, narrowest)
+    )
+    split = max(1, min(wanted, triton.cdiv(rows, MIN_ROWS_PER_PROGRAM), 65535))
+    rows_per_prog = triton.cdiv(rows, split)
     split = triton.cdiv(rows, rows_per_prog)
     part = torch.empty((split, channels), dtype=torch.float32, device=x.device)
-    _channel_abs_sum_kernel[(col_blocks, split)](
+    args = (
         x,
         part,
         rows,
@@ -165,11 +287,23 @@ def _sum_3d(part_acc: torch.Tensor, x: torch.Tensor) -> None:
         x.stride(1),
         x.stride(2),
         rows_per_prog,
-        FUSED=fused,
-        BLOCK_N=block_n,
-        BLOCK_C=block_c,
+        _pow2(rows),
+        _pow2(channels),
     )
-    part_acc.add_(part.sum(dim=0) if split > 1 else part[0])
+    if AUTOTUNE and not INTERPRET:
+
+        def grid(meta):
+            return (triton.cdiv(channels, meta["BLOCK_C"]), split)
+
+        _channel_abs_sum_tuned[grid](*args, FUSED=n1 == 1)
+    else:
+        meta = _default_meta(SUM_CONFIGS, ("BLOCK_N", "BLOCK_C"), (rows, channels))
+        grid = (triton.cdiv(channels, meta["BLOCK_C"]), split)
+        _channel_abs_sum_kernel[grid](*args, FUSED=n1 == 1, **meta)
+    block = min(SUM_PARTIAL_BLOCK, _pow2(channels))
+    _add_partials_kernel[(triton.cdiv(channels, block),)](
+        part, part_acc, split, channels, part_acc.stride(0), BLOCK=block
+    )
 
 
 def channel_abs_sum_(acc: torch.Tensor, x: torch.Tensor) -> None:
@@ -211,15 +345,23 @@ def _as_3d(t: torch.Tensor, shape: tuple) -> torch.Tensor:
         return t.contiguous().view(shape)
 
 
+def statistic_max(importance: torch.Tensor) -> torch.Tensor:
+    """Float32 scalar ``max|a|`` on the statistic's device, in one launch
+    (NaN if any entry is NaN, as ``amax`` gives)."""
+    stat = importance if importance.dtype == torch.float32 else importance.float()
+    return torch.linalg.vector_norm(stat, float("inf"))
+
+
 def aim_relax(
     base: torch.Tensor,
     merged: torch.Tensor,
-    factor: torch.Tensor,
+    importance: torch.Tensor,
+    omega: float,
     axis: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fused ``B + (M − B)·f`` (``f`` from ``relax_factor``); ``axis`` non-negative
-    and validated.
+    """Fused ``B + (M − B)·f`` with ``f`` computed in the kernel from the raw
+    statistic ``importance`` and ``omega``; ``axis`` non-negative and validated.
 
     Writes into ``out`` (default: a new tensor; ``out`` may be ``merged``: every
     program loads its tile of ``merged`` before storing the same tile).
@@ -245,28 +387,52 @@ def aim_relax(
         # A layout that does not fuse: compute into a contiguous buffer.
         o3, write_back = torch.empty(view, dtype=out.dtype, device=out.device), True
     batch, rows, cols = view
-    block_c = min(256, _pow2(cols))
-    block_r = min(_pow2(rows), max(2, TILE_ELEMS // block_c))
-    col_tiles = triton.cdiv(cols, block_c)
-    batch_tiles = triton.cdiv(rows, block_r) * col_tiles
     with _launch_context(out.device):
-        _aim_relax_kernel[(batch * batch_tiles,)](
+        amax = statistic_max(importance)
+        args = (
             b3,
             m3,
             o3,
-            factor,
+            importance,
+            amax,
+            float(omega) - 1.0,
             rows,
             cols,
-            col_tiles,
-            batch_tiles,
             *b3.stride(),
             *m3.stride(),
             *o3.stride(),
-            factor.stride(0),
-            STAT_ON_COLS=stat_on_cols,
-            BLOCK_R=block_r,
-            BLOCK_C=block_c,
+            importance.stride(0),
+            _pow2(rows),
+            _pow2(cols),
         )
+        if AUTOTUNE and not INTERPRET:
+
+            def grid(meta):
+                return (
+                    batch * triton.cdiv(rows, meta["BLOCK_R"]),
+                    triton.cdiv(cols, meta["BLOCK_C"]),
+                )
+
+            _aim_relax_tuned[grid](*args, STAT_ON_COLS=stat_on_cols)
+        else:
+            meta = _default_meta(RELAX_CONFIGS, ("BLOCK_R", "BLOCK_C"), (rows, cols))
+            grid = (
+                batch * triton.cdiv(rows, meta["BLOCK_R"]),
+                triton.cdiv(cols, meta["BLOCK_C"]),
+            )
+            _aim_relax_kernel[grid](*args, STAT_ON_COLS=stat_on_cols, **meta)
     if write_back:
         out.copy_(o3.view(shape))
     return out
+
+
+def tuned_configs() -> dict[str, dict[str, str]]:
+    """The autotuner's picks so far, per kernel and key (for the benchmarks)."""
+    picks: dict[str, dict[str, str]] = {}
+    for name, kernel in (
+        ("aim_relax", _aim_relax_tuned),
+        ("channel_abs_sum", _channel_abs_sum_tuned),
+    ):
+        cache = getattr(kernel, "cache", {})
+        picks[name] = {str(key): str(config) for key, config in cache.items()}
+    return picks
