@@ -1,6 +1,6 @@
 """``python -m benchmarks.gpu_check`` (``make gpu-check``): the GPU checks in one go.
 
-Where torch sees a CUDA device, provisions SmolLM2-135M
+Where torch sees a CUDA device, provisions SmolLM2-135M and Gemma-3-270M
 (``benchmarks.real_models.ensure``) and runs, one after the other, each in a
 subprocess with its own time limit inside one overall budget (``--budget``,
 default 450 s, provisioning included):
@@ -8,12 +8,21 @@ default 450 s, provisioning included):
 1. the CUDA tests: ``pytest -m gpu`` (the compiled Triton kernels and the
    in-place relaxation on CUDA);
 2. ``benchmarks/kernels.py --device cuda``: the Triton kernels' effective
-   bandwidth against the GPU's ``copy_`` bandwidth and the eager expressions;
-3. ``benchmarks/calibration.py --model smollm2-135m --device cuda``: our
-   collector (batch 4 and batch 1) against the paper-style loop (batch 1) and
+   bandwidth against the GPU's ``copy_`` bandwidth and the eager expressions,
+   over a ladder of shapes from 1k×1k to the full sizes;
+3. ``benchmarks/calibration.py --model M --device cuda`` for both models (float32,
+   so the statistic parity is not blurred by half-precision means): our
+   collector (batch 8 and batch 1) against the paper-style loop (batch 1) and
    bare forwards on the same tokens (compare the wall-time columns);
-4. ``benchmarks/merge_overhead.py --model smollm2-135m --cuda``: AIM merge
-   against the plain merge with ``MergeOptions(cuda=True)``.
+4. ``benchmarks/merge_overhead.py --model smollm2-135m --cuda --compare-cpu``:
+   AIM TIES merge against the plain one with ``MergeOptions(cuda=True)``, and
+   the CUDA merge's tensors against the same merge on the CPU.
+
+A device machine may receive a model directory without its weights (its
+config and tokenizer only, when the checkpoint is too large to send there):
+``--random-weights`` then fills in seeded random weights of the exact
+architecture, which changes no throughput figure and no parity check, and says
+so in every table it writes.
 
 Everything goes to ``--out`` (default ``benchmarks/results/gpu/<device>/``,
 the device's name made file-safe): each benchmark's ``.json``/``.md`` (whose
@@ -45,6 +54,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 GPU_RESULTS = ROOT / "benchmarks" / "results" / "gpu"
 MODEL = "smollm2-135m"
+MODELS = ("smollm2-135m", "gemma3-270m")
 DEFAULT_BUDGET_S = 450
 
 
@@ -68,35 +78,40 @@ def plan(out: Path) -> list[Step]:
         Step(
             "tests-gpu",
             ("-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests"),
-            150,
+            110,
             what="tests marked gpu (compiled Triton kernels, in-place relaxation)",
         ),
         Step(
             "kernels",
             ("-m", "benchmarks.kernels", "--device", "cuda", "--out", out_arg),
-            70,
+            90,
             "benchmarks.kernels",
             "Triton kernels against copy bandwidth",
         ),
-        Step(
-            "calibration",
-            (
-                "-m",
+        *(
+            Step(
+                f"calibration-{model}",
+                (
+                    "-m",
+                    "benchmarks.calibration",
+                    "--model",
+                    model,
+                    "--device",
+                    "cuda",
+                    "--blocks",
+                    "32",
+                    "--batch",
+                    "8",
+                    "--repeat",
+                    "3",
+                    "--out",
+                    out_arg,
+                ),  # fmt: skip
+                75,
                 "benchmarks.calibration",
-                "--model",
-                MODEL,
-                "--device",
-                "cuda",
-                "--blocks",
-                "32",
-                "--repeat",
-                "5",
-                "--out",
-                out_arg,
-            ),  # fmt: skip
-            100,
-            "benchmarks.calibration",
-            "calibration throughput against the paper loop (batch 1)",
+                f"{model} calibration against the paper loop (batch 1)",
+            )
+            for model in MODELS
         ),
         Step(
             "merge",
@@ -106,14 +121,17 @@ def plan(out: Path) -> list[Step]:
                 "--model",
                 MODEL,
                 "--cuda",
+                "--methods",
+                "ties",
                 "--repeat",
                 "5",
+                "--compare-cpu",
                 "--out",
                 out_arg,
             ),  # fmt: skip
             110,
             "benchmarks.merge_overhead",
-            "AIM merge against plain merge, MergeOptions(cuda=True)",
+            "AIM TIES merge against plain, MergeOptions(cuda=True); CUDA vs CPU",
         ),
     ]
 
@@ -190,6 +208,33 @@ def run_steps(
     return results
 
 
+RANDOM_WEIGHTS_NOTE = (
+    "Weights: seeded random, of the exact architecture (the checkpoint was too "
+    "large to send to the device machine); throughput and parity do not depend "
+    "on the weights' values."
+)
+
+
+def fill_random_weights(path: Path, seed: int = 0) -> bool:
+    """Write seeded random weights into a model directory that has a config but
+    no ``*.safetensors``; True if it did."""
+    if any(path.glob("*.safetensors")):
+        return False
+    import tempfile
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with tempfile.TemporaryDirectory(dir=path) as tmp:
+        model.save_pretrained(tmp)
+        for weights in Path(tmp).glob("*.safetensors*"):
+            weights.rename(path / weights.name)
+    return True
+
+
 def summary_markdown(
     device: str, machine_line: str, results: Sequence[Mapping[str, object]]
 ) -> str:
@@ -241,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds for everything, provisioning included",
     )
     parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="fill model directories that have no weights with seeded random "
+        "weights of their architecture (device machines the checkpoints cannot "
+        "be sent to)",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="list the steps and check their arguments; run nothing",
@@ -266,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         check_arguments(steps)
         print(f"gpu-check --dry-run: device {device or 'none (no CUDA here)'}")
-        print(f"1. provision {MODEL} (benchmarks.real_models.ensure)")
+        print(f"1. provision {', '.join(MODELS)} (benchmarks.real_models.ensure)")
         for index, step in enumerate(steps, 2):
             print(
                 f"{index}. {step.name} (limit {step.timeout_s} s): "
@@ -278,23 +330,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks import real_models
 
     print(f"gpu-check on {device}: results in {out}", flush=True)
-    path = real_models.ensure(MODEL)
-    print(f"provisioned {MODEL}: {path}", flush=True)
+    random_weights = []
+    for model in MODELS:
+        path = real_models.ensure(model)
+        if args.random_weights and fill_random_weights(path):
+            random_weights.append(model)
+        print(f"provisioned {model}: {path}", flush=True)
     info = common.machine_info()
     results = run_steps(steps, out, device, start + args.budget)
     common.record_end_load(info)
+    if random_weights:
+        for table in out.glob("*.md"):
+            if table.name != "gpu-check.md":
+                table.write_text(table.read_text() + "\n" + RANDOM_WEIGHTS_NOTE + "\n")
     wall = time.monotonic() - start
     payload = {
         "device": device,
         "machine": info,
         "python": platform.python_version(),
-        "model": MODEL,
+        "models": list(MODELS),
+        "random_weights": random_weights,
         "budget_s": args.budget,
         "wall_s": round(wall, 1),
         "steps": results,
     }
     table = summary_markdown(device, common.machine_line(info), results)
     table += f"\nTotal {wall:.0f} s (budget {args.budget} s).\n"
+    if random_weights:
+        table += f"\n{', '.join(random_weights)}: {RANDOM_WEIGHTS_NOTE}\n"
     (out / "gpu-check.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / "gpu-check.md").write_text(table)
     sys.stdout.write(table)

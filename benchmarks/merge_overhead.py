@@ -174,7 +174,7 @@ def merge_config(method: str, base: Path, tuned: list[Path]) -> dict:
     }
 
 
-def run_one(config: dict, out: Path, cuda: bool) -> None:
+def run_one(config: dict, out: Path, cuda: bool, keep: bool = False) -> None:
     import yaml
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -196,7 +196,47 @@ def run_one(config: dict, out: Path, cuda: bool) -> None:
             config_source=yaml.safe_dump(config),
         )
     finally:
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def compare_devices(
+    method: str, base: Path, tuned: list[Path], artifact: Path, work: Path
+) -> dict[str, object]:
+    """The same AIM merge with ``MergeOptions(cuda=True)`` and on the CPU:
+    how far apart the written tensors are, in units of the bfloat16 spacing
+    at each element (1 = one rounding step)."""
+    from safetensors.torch import load_file
+
+    config = merge_config(method, base, tuned)
+    config["aim"] = {"omega": OMEGA, "importance": str(artifact)}
+    outs = {cuda: work / f"compare-{'cuda' if cuda else 'cpu'}" for cuda in (1, 0)}
+    for cuda, out in outs.items():
+        run_one(config, out, bool(cuda), keep=True)
+    worst, differing, total, tensors = 0.0, 0, 0, 0
+    for shard in sorted(outs[0].glob("*.safetensors")):
+        cpu, gpu = load_file(shard), load_file(outs[1] / shard.name)
+        for name, a in cpu.items():
+            b = gpu[name]
+            a32, b32 = a.float(), b.float()
+            # bfloat16 spacing at |a|: 2^(exponent - 7)
+            spacing = torch.ldexp(
+                torch.ones_like(a32), torch.frexp(a32.abs().clamp_min(1e-30))[1] - 8
+            )
+            steps = ((a32 - b32).abs() / spacing).max().item() if a.numel() else 0.0
+            worst = max(worst, steps)
+            differing += int((a32 != b32).sum())
+            total += a.numel()
+            tensors += 1
+    for out in outs.values():
         shutil.rmtree(out, ignore_errors=True)
+    return {
+        "method": method,
+        "tensors": tensors,
+        "elements": total,
+        "elements_differing": differing,
+        "max_bf16_steps": worst,
+    }
 
 
 class LoadCounter:
@@ -438,6 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
         "where available)",
     )
     parser.add_argument(
+        "--compare-cpu",
+        action="store_true",
+        help="also write the first method's AIM merge with CUDA and on the CPU "
+        "and report how far apart their tensors are",
+    )
+    parser.add_argument(
         "--cache",
         type=Path,
         default=CACHE,
@@ -492,6 +538,12 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(
                     measure_method(method, base, tuned, artifact, root, repeat, cuda)
                 )
+        comparison = None
+        if args.compare_cpu:
+            comparison = compare_devices(
+                args.methods.split(",")[0], base, tuned, artifact, root
+            )
+            LOG.info("CUDA against CPU: %s", comparison)
         if args.model is not None:
             shape = common.checkpoint_shape(base)
     common.record_end_load(info)
@@ -517,6 +569,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         name += "-quick"
     table = markdown(info, setting, rows, args.quick)
+    if comparison is not None:
+        setting["cuda_vs_cpu"] = comparison
+        table += (
+            f"\nThe {comparison['method']} AIM merge with `MergeOptions(cuda=True)` "
+            f"against the same merge on the CPU: {comparison['elements_differing']} "
+            f"of {comparison['elements']} elements differ, by at most "
+            f"{comparison['max_bf16_steps']:g} bfloat16 rounding steps "
+            f"({comparison['tensors']} tensors).\n"
+        )
     payload = {"machine": info, "quick": args.quick, "setting": setting}
     common.write_results(args.out, name, {**payload, "results": rows}, table)
     sys.stdout.write(table)

@@ -21,7 +21,8 @@ pytestmark = [
 
 SCRIPT = """
 import torch
-from mergekit_aim.kernels import aim_relax, channel_abs_sum, channel_abs_sum_
+from mergekit_aim.kernels import aim_relax, aim_relax_
+from mergekit_aim.kernels import channel_abs_sum, channel_abs_sum_
 
 dev = torch.device("cuda", torch.cuda.device_count() - 1)
 gen = torch.Generator(device=dev).manual_seed(0)
@@ -32,7 +33,7 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
             ref = view.double().abs()
             if view.dim() > 1:
                 ref = ref.sum(dim=tuple(range(view.dim() - 1)))
-            for backend in ("auto", "triton"):
+            for backend in ("auto", "triton", "torch"):
                 got = channel_abs_sum(view, backend=backend)
                 torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
             acc = torch.ones(view.shape[-1], device=dev)
@@ -42,11 +43,24 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
         base = torch.randn(shape, device=dev, generator=gen).to(dtype)
         merged = torch.randn(shape, device=dev, generator=gen).to(dtype)
         stat = torch.rand(shape[axis], device=dev, generator=gen)
-        # The launch must follow the tensors, not the current device.
-        with torch.cuda.device(0):
-            got = aim_relax(base, merged, stat, 0.4, axis, backend="triton")
         want = aim_relax(base.cpu(), merged.cpu(), stat.cpu(), 0.4, axis, "torch")
-        torch.testing.assert_close(got.cpu(), want, rtol=2**-7, atol=1e-5)
+        for backend in ("triton", "torch"):
+            # The launch must follow the tensors, not the current device.
+            with torch.cuda.device(0):
+                got = aim_relax(base, merged, stat, 0.4, axis, backend=backend)
+            torch.testing.assert_close(got.cpu(), want, rtol=2**-7, atol=1e-5)
+        # In place on a shape class the autotuner has not seen: tuning runs the
+        # kernel several times and must restore merged between runs.
+        shape2 = tuple(n * 3 for n in shape)
+        base = torch.randn(shape2, device=dev, generator=gen).to(dtype)
+        merged = torch.randn(shape2, device=dev, generator=gen).to(dtype)
+        stat = torch.rand(shape2[axis], device=dev, generator=gen)
+        relaxed = merged.clone()
+        aim_relax_(relaxed, base, stat, 0.3, axis, backend="triton")
+        want = aim_relax(base, merged, stat, 0.3, axis, backend="triton")
+        assert torch.equal(relaxed, want), (shape2, axis, dtype)
+        # omega = 1 is the plain merge, exactly.
+        assert torch.equal(aim_relax(base, merged, stat, 1.0, axis, "triton"), merged)
 print("ok")
 """
 
