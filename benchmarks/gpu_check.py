@@ -3,7 +3,7 @@
 Where torch sees a CUDA device, provisions SmolLM2-135M and Gemma-3-270M
 (``benchmarks.real_models.ensure``) and runs, one after the other, each in a
 subprocess with its own time limit inside one overall budget (``--budget``,
-default 450 s, provisioning included):
+default 475 s, provisioning included):
 
 1. the CUDA tests: ``pytest -m gpu`` (the compiled Triton kernels and the
    in-place relaxation on CUDA);
@@ -16,7 +16,9 @@ default 450 s, provisioning included):
    bare forwards on the same tokens (compare the wall-time columns);
 4. ``benchmarks/merge_overhead.py --model smollm2-135m --cuda --compare-cpu``:
    AIM TIES merge against the plain one with ``MergeOptions(cuda=True)``, and
-   the CUDA merge's tensors against the same merge on the CPU.
+   the CUDA merge's tensors against the same merge on the CPU; then the same
+   timing on the synthetic 0.66B Llama, where per-tensor launch costs weigh
+   less against the merge.
 
 A device machine may receive a model directory without its weights (its
 config and tokenizer only, when the checkpoint is too large to send there):
@@ -55,7 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GPU_RESULTS = ROOT / "benchmarks" / "results" / "gpu"
 MODEL = "smollm2-135m"
 MODELS = ("smollm2-135m", "gemma3-270m")
-DEFAULT_BUDGET_S = 450
+DEFAULT_BUDGET_S = 475
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def plan(out: Path) -> list[Step]:
         Step(
             "kernels",
             ("-m", "benchmarks.kernels", "--device", "cuda", "--out", out_arg),
-            90,
+            60,
             "benchmarks.kernels",
             "Triton kernels against copy bandwidth",
         ),
@@ -107,7 +109,7 @@ def plan(out: Path) -> list[Step]:
                     "--out",
                     out_arg,
                 ),  # fmt: skip
-                75,
+                60,
                 "benchmarks.calibration",
                 f"{model} calibration against the paper loop (batch 1)",
             )
@@ -129,9 +131,26 @@ def plan(out: Path) -> list[Step]:
                 "--out",
                 out_arg,
             ),  # fmt: skip
-            110,
+            80,
             "benchmarks.merge_overhead",
             "AIM TIES merge against plain, MergeOptions(cuda=True); CUDA vs CPU",
+        ),
+        Step(
+            "merge-synthetic",
+            (
+                "-m",
+                "benchmarks.merge_overhead",
+                "--cuda",
+                "--methods",
+                "ties",
+                "--repeat",
+                "3",
+                "--out",
+                out_arg,
+            ),  # fmt: skip
+            100,
+            "benchmarks.merge_overhead",
+            "the same on the synthetic 0.66B Llama (AIM's overhead at a larger size)",
         ),
     ]
 

@@ -16,10 +16,11 @@ L2 cache flushed before it, median of many; the host enqueues the call while the
 flush runs, so launch overhead shows only where it exceeds the flush) and the
 **call time** (wall time of one call followed by a synchronisation: what a
 caller waiting on each result pays, Python and launches included). The copy
-ceiling is measured the same way at the same traffic. The Triton rows are the
-autotuned kernels (``tuned``) and their fixed default configuration
+ceiling is measured the same way at the same traffic. The channel sums' Triton
+rows are the autotuned kernel (``tuned``) and its fixed default configuration
 (``default``, ``MERGEKIT_AIM_TRITON_AUTOTUNE=0``); the configurations the tuner
-picked are written to the JSON.
+picked are written to the JSON. ``auto`` is what the product runs (see
+``mergekit_aim.kernels._ops``).
 """
 
 from __future__ import annotations
@@ -302,6 +303,7 @@ def run_cuda(repeat: int) -> list[dict[str, object]]:
                 triton_variant(False, lambda x=x: channel_abs_sum(x, "triton")),
             ),
             ("torch", lambda x=x: channel_abs_sum(x, "torch")),
+            ("auto", lambda x=x: channel_abs_sum(x, "auto")),
         ]
         add_rows(
             "channel_abs_sum",
@@ -332,21 +334,14 @@ def run_cuda(repeat: int) -> list[dict[str, object]]:
             label,
             shape,
             traffic,
-            [
-                ("triton tuned", triton_variant(True, relax("triton"))),
-                ("triton default", triton_variant(False, relax("triton"))),
-                ("torch", relax("torch")),
-            ],
+            [("triton", relax("triton")), ("torch", relax("torch"))],
             eager,
         )
         add_rows(
             label.replace("aim_relax", "aim_relax_ (in place)"),
             shape,
             traffic,
-            [
-                ("triton tuned", triton_variant(True, relax_inplace("triton"))),
-                ("torch", relax_inplace("torch")),
-            ],
+            [("triton", relax_inplace("triton")), ("torch", relax_inplace("torch"))],
             eager,
         )
         del base, merged, scratch

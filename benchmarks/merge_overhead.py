@@ -200,43 +200,81 @@ def run_one(config: dict, out: Path, cuda: bool, keep: bool = False) -> None:
             shutil.rmtree(out, ignore_errors=True)
 
 
+def _bf16_steps(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
+    """Max ``|a − b|`` in bfloat16 rounding steps at ``max(|a|, |b|)`` (the
+    spacing there: 2^(exponent − 8)), and how many elements differ."""
+    a32, b32 = a.float(), b.float()
+    if not a32.numel():
+        return 0.0, 0
+    top = torch.maximum(a32.abs(), b32.abs())
+    exponent = torch.frexp(top.clamp_min(torch.finfo(torch.float32).tiny))[1]
+    spacing = torch.ldexp(torch.ones_like(top), exponent - 8)
+    steps = ((a32 - b32).abs() / spacing).max().item()
+    return steps, int((a32 != b32).sum())
+
+
 def compare_devices(
     method: str, base: Path, tuned: list[Path], artifact: Path, work: Path
 ) -> dict[str, object]:
-    """The same AIM merge with ``MergeOptions(cuda=True)`` and on the CPU:
-    how far apart the written tensors are, in units of the bfloat16 spacing
-    at each element (1 = one rounding step)."""
+    """The same merge with ``MergeOptions(cuda=True)`` and on the CPU, plain and
+    with AIM: how far apart the written tensors are, in bfloat16 rounding steps.
+
+    The plain pair shows what the merge method itself does differently on the
+    two devices; ``aim_own`` compares the CUDA AIM merge with AIM applied on the
+    CPU (``apply_aim``) to the CUDA plain merge, i.e. the relaxation alone.
+    """
     from safetensors.torch import load_file
 
-    config = merge_config(method, base, tuned)
-    config["aim"] = {"omega": OMEGA, "importance": str(artifact)}
-    outs = {cuda: work / f"compare-{'cuda' if cuda else 'cpu'}" for cuda in (1, 0)}
-    for cuda, out in outs.items():
-        run_one(config, out, bool(cuda), keep=True)
-    worst, differing, total, tensors = 0.0, 0, 0, 0
-    for shard in sorted(outs[0].glob("*.safetensors")):
-        cpu, gpu = load_file(shard), load_file(outs[1] / shard.name)
-        for name, a in cpu.items():
-            b = gpu[name]
-            a32, b32 = a.float(), b.float()
-            # bfloat16 spacing at |a|: 2^(exponent - 7)
-            spacing = torch.ldexp(
-                torch.ones_like(a32), torch.frexp(a32.abs().clamp_min(1e-30))[1] - 8
+    from mergekit_aim.importance import ImportanceMap
+    from mergekit_aim.offline import apply_aim
+
+    plain = merge_config(method, base, tuned)
+    aim = {**plain, "aim": {"omega": OMEGA, "importance": str(artifact)}}
+    outs: dict[str, Path] = {}
+    for label, config in (("plain", plain), ("aim", aim)):
+        for device in ("cuda", "cpu"):
+            outs[f"{label}-{device}"] = work / f"compare-{label}-{device}"
+            run_one(config, outs[f"{label}-{device}"], device == "cuda", keep=True)
+
+    def tensors(label: str) -> dict[str, torch.Tensor]:
+        found: dict[str, torch.Tensor] = {}
+        for shard in sorted(outs[label].glob("*.safetensors")):
+            found.update(load_file(shard))
+        return found
+
+    base_sd: dict[str, torch.Tensor] = {}
+    for shard in sorted(base.glob("*.safetensors")):
+        base_sd.update(load_file(shard))
+    plain_cuda = tensors("plain-cuda")
+    relaxed_on_cpu = apply_aim(
+        {k: base_sd[k] for k in plain_cuda if k in base_sd},
+        plain_cuda,
+        ImportanceMap.load(artifact),
+        OMEGA,
+    )
+    pairs = {
+        "plain": (plain_cuda, tensors("plain-cpu")),
+        "aim": (tensors("aim-cuda"), tensors("aim-cpu")),
+        "aim_own": (tensors("aim-cuda"), {**plain_cuda, **relaxed_on_cpu}),
+    }
+    result: dict[str, object] = {"method": method, "tensors": len(plain_cuda)}
+    for label, (left, right) in pairs.items():
+        worst, differing, total = 0.0, 0, 0
+        for name, a in left.items():
+            steps, count = _bf16_steps(a, right[name])
+            worst, differing, total = (
+                max(worst, steps),
+                differing + count,
+                total + a.numel(),
             )
-            steps = ((a32 - b32).abs() / spacing).max().item() if a.numel() else 0.0
-            worst = max(worst, steps)
-            differing += int((a32 != b32).sum())
-            total += a.numel()
-            tensors += 1
+        result[label] = {
+            "elements": total,
+            "differing": differing,
+            "max_bf16_steps": worst,
+        }
     for out in outs.values():
         shutil.rmtree(out, ignore_errors=True)
-    return {
-        "method": method,
-        "tensors": tensors,
-        "elements": total,
-        "elements_differing": differing,
-        "max_bf16_steps": worst,
-    }
+    return result
 
 
 class LoadCounter:
@@ -571,13 +609,24 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(info, setting, rows, args.quick)
     if comparison is not None:
         setting["cuda_vs_cpu"] = comparison
+        words = {
+            "plain": "plain merge, CUDA vs CPU (the merge method itself)",
+            "aim": "AIM merge, CUDA vs CPU",
+            "aim_own": "AIM's relaxation alone: CUDA AIM merge vs `apply_aim` on "
+            "the CPU applied to the CUDA plain merge",
+        }
         table += (
-            f"\nThe {comparison['method']} AIM merge with `MergeOptions(cuda=True)` "
-            f"against the same merge on the CPU: {comparison['elements_differing']} "
-            f"of {comparison['elements']} elements differ, by at most "
-            f"{comparison['max_bf16_steps']:g} bfloat16 rounding steps "
-            f"({comparison['tensors']} tensors).\n"
+            f"\n{comparison['method']} with `MergeOptions(cuda=True)` against the "
+            f"CPU ({comparison['tensors']} tensors; steps are bfloat16 rounding "
+            f"steps at the larger magnitude):\n\n"
+            "| comparison | elements differing | max steps |\n|---|---:|---:|\n"
         )
+        for label, text in words.items():
+            c = comparison[label]
+            table += (
+                f"| {text} | {c['differing']} of {c['elements']} "
+                f"| {c['max_bf16_steps']:g} |\n"
+            )
     payload = {"machine": info, "quick": args.quick, "setting": setting}
     common.write_results(args.out, name, {**payload, "results": rows}, table)
     sys.stdout.write(table)

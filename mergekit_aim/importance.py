@@ -80,6 +80,7 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
         self._counts = {name: int(c) for name, c in counts.items()}
         self._axes = {name: int(a) for name, a in input_axes.items()}
         self.provenance: dict[str, Any] = dict(provenance or {})
+        self._on_device: dict[torch.device, dict[str, torch.Tensor]] = {}
         for name, vector in self._sums.items():
             if vector.ndim != 1:
                 raise ImportanceError(
@@ -100,6 +101,25 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
     def __repr__(self) -> str:
         base = self.provenance.get("base_model", "?")
         return f"ImportanceMap({len(self)} tensors, base={base!r})"
+
+    def on_device(self, name: str, device: torch.device) -> torch.Tensor:
+        """``self[name]`` on ``device``.
+
+        The first call for a device other than the CPU copies every vector
+        there at once, in one transfer: a merge relaxing on a GPU would
+        otherwise copy one small vector per tensor from pageable memory, and
+        each such copy makes the host wait for the GPU.
+        """
+        if device.type == "cpu":
+            return self._sums[name]
+        vectors = self._on_device.get(device)
+        if vectors is None:
+            names = list(self._sums)
+            flat = torch.cat([self._sums[n] for n in names]).to(device)
+            sizes = [self._sums[n].numel() for n in names]
+            vectors = dict(zip(names, flat.split(sizes), strict=True))
+            self._on_device[device] = vectors
+        return vectors[name]
 
     def count(self, name: str) -> int:
         return self._counts[name]

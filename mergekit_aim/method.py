@@ -131,7 +131,7 @@ class AimMergeMethod(MergeMethod):
         base = self._checked_base(group, merged, key)
         if base is None:
             return merged
-        vector = importance[key]
+        vector = importance.on_device(key, merged.device)
         axis = importance.input_axis(key)
         _check_channels(group.metadata.name, key, vector, merged.shape, axis)
         return _relax(merged, base, vector, float(omega), axis, group)
@@ -197,7 +197,7 @@ def relax_experts_(
     for expert, key in enumerate(keys):
         if key is None or key not in importance:
             continue
-        vector = importance[key]
+        vector = importance.on_device(key, stack.device)
         axis = importance.input_axis(key) % (stack.ndim - 1)
         _check_channels(f"{name}[{expert}]", key, vector, stack.shape[1:], axis)
         _relax_in_place(stack[expert], base[expert], vector, omega, axis)

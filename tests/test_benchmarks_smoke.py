@@ -170,7 +170,9 @@ def test_gpu_check_dry_run_lists_the_steps_and_checks_their_arguments(
     assert sum(s.timeout_s for s in steps) <= gpu_check.DEFAULT_BUDGET_S < 8 * 60
     by_name = {step.name: step.argv for step in steps}
     assert "--cuda" in by_name["merge"]
-    assert ("--device", "cuda") == by_name["calibration"][4:6]
+    for model in gpu_check.MODELS:
+        assert ("--device", "cuda") == by_name[f"calibration-{model}"][4:6]
+    assert "--compare-cpu" in by_name["merge"]
     argv = ("-m", "benchmarks.kernels", "--nope")
     bad = gpu_check.Step("bad", argv, 1, "benchmarks.kernels")
     with pytest.raises(SystemExit):

@@ -266,3 +266,14 @@ def test_nonsense_artifact_spec_is_refused():
 
     with pytest.raises(ImportanceError, match="not a Hub repository id"):
         resolve_artifact("no such file.safetensors")
+
+
+def test_on_device_uploads_every_vector_once():
+    sums = {"a.weight": torch.arange(3.0), "b.weight": torch.arange(5.0)}
+    imap = ImportanceMap(sums, {"a.weight": 2, "b.weight": 2}, dict.fromkeys(sums, -1))
+    assert imap.on_device("a.weight", torch.device("cpu")) is imap["a.weight"]
+    meta = torch.device("meta")
+    first = imap.on_device("b.weight", meta)
+    assert first.device == meta and first.shape == (5,)
+    assert imap.on_device("a.weight", meta).shape == (3,)
+    assert imap.on_device("b.weight", meta) is first  # cached: one transfer

@@ -7,22 +7,25 @@ Nothing queries a driver at import time; device properties are read at launch.
 Both ops are memory-bound streaming passes, so what matters is bytes in flight
 per SM and how little else runs around the main kernel:
 
-* ``aim_relax`` is one launch after one reduction: ``max|a|`` comes from a single
-  ``torch.linalg.vector_norm`` call, and the factor ``f = 1 − s·(1 − ω)`` is
-  computed in the kernel, once per column of a tile, from ``a`` and that max
-  (the same expression as ``_formula.relax_factor``; the tests hold the two
-  within float32 rounding). The eager factor would cost nine launches, which at
-  merge sizes take longer than the relaxation itself.
+* ``aim_relax`` is one launch: the factor ``f = 1 − s·(1 − ω)`` is computed in
+  the kernel, once per column of a tile, from ``a`` and ``max|a|`` (the same
+  expression as ``_formula.relax_factor``; the tests hold the two within
+  float32 rounding). Each program reduces a statistic of up to
+  ``FUSED_MAX_LEN`` entries to its max itself (read from L2); a longer one is
+  reduced first by one ``torch.linalg.vector_norm`` launch. The eager factor
+  would cost nine launches, which at merge sizes take longer than the
+  relaxation itself.
 * ``channel_abs_sum`` reduces row splits into float32 partials and a second
   small kernel adds the partials into the accumulator in a fixed order, so the
   result is deterministic (no atomics).
 
-On CUDA, tile sizes and warps are autotuned per shape class (rows and columns
-rounded up to powers of two, the dtypes) over a handful of configurations and
-cached by Triton on disk (``cache_results``), so a merge pays the tuning once per
-shape class per machine, and nothing for later runs. Set
+On CUDA the channel sums' tile sizes and warps are autotuned per shape class
+(rows and columns rounded up to powers of two, the dtypes) over a handful of
+configurations and cached by Triton on disk (``cache_results``): a calibration
+pays the tuning once per shape class per machine. Set
 ``MERGEKIT_AIM_TRITON_AUTOTUNE=0`` to use the fixed default configuration. The
-interpreter always runs the default configuration.
+relaxation runs one measured configuration (see ``RELAX_CONFIGS``); the
+interpreter always runs the defaults.
 """
 
 from __future__ import annotations
@@ -43,25 +46,23 @@ AUTOTUNE = not INTERPRET and os.environ.get("MERGEKIT_AIM_TRITON_AUTOTUNE", "1")
 # _ops computes no factor for this backend: the kernel does (see the docstring).
 FACTOR_IN_KERNEL = True
 
-# (BLOCK_R, BLOCK_C, num_warps) for the relaxation; the first is the default.
-# 8-16 KiB per bf16 tensor per program keeps ~32 KiB of loads in flight per
-# program, several programs per SM, which is what HBM3 latency asks for.
-RELAX_CONFIGS = (
-    (16, 512, 8),
-    (8, 512, 4),
-    (32, 256, 8),
-    (8, 1024, 8),
-    (32, 512, 8),
-    (4, 1024, 4),
-)
+# (BLOCK_R, BLOCK_C, num_warps) of the relaxation: 16 KiB per bf16 tensor per
+# program, ~32 KiB of loads in flight, several programs per SM. Autotuning six
+# configurations on an H200 (benchmarks/results/gpu/nvidia-h200) matched this
+# one within noise at 4096×14336 and picked worse ones below 16 Mi elements,
+# where the tuner's timings are noise: the relaxation runs this one everywhere.
+RELAX_CONFIGS = ((16, 512, 8),)
+# Statistics up to this length are reduced to max|a| inside the relaxation
+# kernel (no second launch); longer ones by one vector_norm launch.
+FUSED_MAX_LEN = 4096
 # (BLOCK_N, BLOCK_C, num_warps) for the channel sums; the first is the default.
 SUM_CONFIGS = (
     (32, 256, 8),
     (64, 128, 8),
-    (16, 256, 4),
-    (64, 256, 8),
-    (32, 512, 8),
     (128, 64, 4),
+    (256, 64, 8),
+    (128, 32, 4),
+    (64, 64, 4),
 )
 SUM_PARTIAL_BLOCK = 256
 # Rows a channel-sum program reduces at least: fewer would make the partials'
@@ -153,7 +154,8 @@ def _aim_relax_kernel(
     merged_ptr,  # weight M, same view, own strides and dtype
     out_ptr,  # output, same view, merged's dtype (may be merged itself)
     stat_ptr,  # raw statistic a, indexed by column (STAT_ON_COLS) or row
-    amax_ptr,  # float32 scalar max|a|
+    amax_ptr,  # float32 scalar max|a| (unused when FUSE_MAX)
+    stat_len,  # entries of a
     omega_minus_one,  # ω − 1, float32
     rows,
     cols,
@@ -167,11 +169,11 @@ def _aim_relax_kernel(
     o_sr,
     o_sc,
     stat_stride,
-    rows_class,  # autotuning key only: rows rounded up to a power of two
-    cols_class,  # autotuning key only: cols rounded up likewise
     STAT_ON_COLS: tl.constexpr,
+    FUSE_MAX: tl.constexpr,  # each program reduces max|a| itself (short a)
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    MAX_BLOCK: tl.constexpr,  # chunk of a per step of the fused max
 ):
     # Row tiles (times batch entries) on grid axis 0, whose limit is 2**31 − 1:
     # an LM head's vocabulary rows would overflow axis 1's 65535 tiles.
@@ -190,8 +192,22 @@ def _aim_relax_kernel(
 
     # f = 1 − s·(1 − ω), s = |a| / max|a| (0 where the max is 0 or NaN), once
     # per column (or row) of the tile.
-    amax = tl.load(amax_ptr)
-    positive = amax > 0.0
+    if FUSE_MAX:
+        # A short statistic is read from L2 by every program, which costs less
+        # than a second launch; a NaN anywhere makes the max NaN, as amax does.
+        peak = tl.zeros([MAX_BLOCK], dtype=tl.float32)
+        nans = tl.zeros([MAX_BLOCK], dtype=tl.int32)
+        for k0 in range(0, stat_len, MAX_BLOCK):
+            k = k0 + tl.arange(0, MAX_BLOCK)
+            v = tl.load(stat_ptr + k.to(tl.int64) * stat_stride, mask=k < stat_len)
+            v = tl.abs(v.to(tl.float32))
+            nans += (v != v).to(tl.int32)
+            peak = tl.maximum(peak, tl.where(v != v, 0.0, v))
+        amax = tl.max(peak, axis=0)
+        positive = (amax > 0.0) & (tl.sum(nans, axis=0) == 0)
+    else:
+        amax = tl.load(amax_ptr)
+        positive = amax > 0.0
     if STAT_ON_COLS:
         a = tl.load(stat_ptr + c.to(tl.int64) * stat_stride, mask=c_mask, other=0.0)
     else:
@@ -225,14 +241,6 @@ _channel_abs_sum_tuned = _autotuned(
     key=["rows_class", "channels_class", "FUSED"],
     names=("BLOCK_N", "BLOCK_C"),
 )(_channel_abs_sum_kernel)
-_aim_relax_tuned = _autotuned(
-    RELAX_CONFIGS,
-    key=["rows_class", "cols_class", "STAT_ON_COLS"],
-    names=("BLOCK_R", "BLOCK_C"),
-    # Tuning runs the kernel several times; when relaxing in place the output
-    # is the merged input, which must be restored between runs.
-    restore_value=["out_ptr"],
-)(_aim_relax_kernel)
 
 
 def _launch_context(device: torch.device):
@@ -267,11 +275,11 @@ def _sum_3d(part_acc: torch.Tensor, x: torch.Tensor) -> None:
     rows = n1 * n2
     if rows == 0 or channels == 0:
         return
-    # Enough programs for every SM a few times over at the narrowest column
+    # Enough programs for every SM eight times over at the narrowest column
     # tile, each reducing at least MIN_ROWS_PER_PROGRAM rows.
     narrowest = min(c[1] for c in SUM_CONFIGS)
     wanted = triton.cdiv(
-        4 * _multiprocessors(x.device), triton.cdiv(channels, narrowest)
+        8 * _multiprocessors(x.device), triton.cdiv(channels, narrowest)
     )
     split = max(1, min(wanted, triton.cdiv(rows, MIN_ROWS_PER_PROGRAM), 65535))
     rows_per_prog = triton.cdiv(rows, split)
@@ -387,14 +395,16 @@ def aim_relax(
         # A layout that does not fuse: compute into a contiguous buffer.
         o3, write_back = torch.empty(view, dtype=out.dtype, device=out.device), True
     batch, rows, cols = view
+    fuse_max = importance.shape[0] <= FUSED_MAX_LEN
     with _launch_context(out.device):
-        amax = statistic_max(importance)
+        amax = importance if fuse_max else statistic_max(importance)
         args = (
             b3,
             m3,
             o3,
             importance,
             amax,
+            importance.shape[0],
             float(omega) - 1.0,
             rows,
             cols,
@@ -402,25 +412,19 @@ def aim_relax(
             *m3.stride(),
             *o3.stride(),
             importance.stride(0),
-            _pow2(rows),
-            _pow2(cols),
         )
-        if AUTOTUNE and not INTERPRET:
-
-            def grid(meta):
-                return (
-                    batch * triton.cdiv(rows, meta["BLOCK_R"]),
-                    triton.cdiv(cols, meta["BLOCK_C"]),
-                )
-
-            _aim_relax_tuned[grid](*args, STAT_ON_COLS=stat_on_cols)
-        else:
-            meta = _default_meta(RELAX_CONFIGS, ("BLOCK_R", "BLOCK_C"), (rows, cols))
-            grid = (
-                batch * triton.cdiv(rows, meta["BLOCK_R"]),
-                triton.cdiv(cols, meta["BLOCK_C"]),
-            )
-            _aim_relax_kernel[grid](*args, STAT_ON_COLS=stat_on_cols, **meta)
+        meta = _default_meta(RELAX_CONFIGS, ("BLOCK_R", "BLOCK_C"), (rows, cols))
+        grid = (
+            batch * triton.cdiv(rows, meta["BLOCK_R"]),
+            triton.cdiv(cols, meta["BLOCK_C"]),
+        )
+        _aim_relax_kernel[grid](
+            *args,
+            STAT_ON_COLS=stat_on_cols,
+            FUSE_MAX=fuse_max,
+            MAX_BLOCK=min(FUSED_MAX_LEN, _pow2(importance.shape[0])),
+            **meta,
+        )
     if write_back:
         out.copy_(o3.view(shape))
     return out
@@ -429,10 +433,7 @@ def aim_relax(
 def tuned_configs() -> dict[str, dict[str, str]]:
     """The autotuner's picks so far, per kernel and key (for the benchmarks)."""
     picks: dict[str, dict[str, str]] = {}
-    for name, kernel in (
-        ("aim_relax", _aim_relax_tuned),
-        ("channel_abs_sum", _channel_abs_sum_tuned),
-    ):
+    for name, kernel in (("channel_abs_sum", _channel_abs_sum_tuned),):
         cache = getattr(kernel, "cache", {})
         picks[name] = {str(key): str(config) for key, config in cache.items()}
     return picks

@@ -199,3 +199,40 @@ def test_refusals(backend, change, match):
 def test_omega_accepts_ints():
     out = aim_relax(**_args(omega=1))
     assert torch.equal(out, torch.ones(4, 6))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("fused_max_len", [4096, 8], ids=["max-in-kernel", "max-launch"])
+@pytest.mark.parametrize(
+    "special",
+    ["none", "zeros", "nan", "inf", "negative"],
+)
+def test_triton_factor_matches_formula(monkeypatch, fused_max_len, special):
+    # The Triton kernel computes f itself (reducing max|a| in the kernel when
+    # a is short, else by one launch): it must follow relax_factor, NaN, Inf
+    # and all-zero statistics included.
+    from mergekit_aim.kernels import _ops, relax_factor
+
+    monkeypatch.setattr(_ops._triton_impl(), "FUSED_MAX_LEN", fused_max_len)
+    shape = (5, 33)
+    base, merged = make(shape, torch.float32, 1), make(shape, torch.float32, 2)
+    importance = statistic(33)
+    if special == "zeros":
+        importance.zero_()
+    elif special == "nan":
+        importance[7] = math.nan
+    elif special == "inf":
+        importance[7] = math.inf
+    elif special == "negative":
+        importance[3] = -100.0
+    out = aim_relax(base, merged, importance, 0.3, -1, backend="triton")
+    f = relax_factor(importance, 0.3)
+    want = base + (merged - base) * f
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_omega_one_is_the_plain_merge_exactly(backend):
+    base, merged = make((9, 70), torch.bfloat16, 1), make((9, 70), torch.bfloat16, 2)
+    out = aim_relax(base * 1e4, merged, statistic(70), 1.0, -1, backend=backend)
+    assert torch.equal(out, merged)
