@@ -69,10 +69,13 @@ def _cuda_impl() -> ModuleType:
 
 # Below this many elements "auto" sums channels on CUDA with torch's fused
 # float32 reduction (one launch) rather than the Triton kernel (two launches and
-# more host work per call): on an H200 the two take the same device time up to
-# 32 Mi elements and the reduction's call is 2-3x cheaper, which is what a
-# calibration hook, called hundreds of times per forward, pays.
-CUDA_TRITON_SUM_MIN_ELEMS = 1 << 25
+# the autotuner's host work per call). On an H200
+# (benchmarks/results/gpu/nvidia-h200/kernels-cuda*.md, two runs) the reduction
+# took the same or less device time up to 4×2048×4096 (34 Mi elements: 0.041 ms
+# against 0.042 and 0.158 ms) and a 2-3x cheaper call, which is what a
+# calibration hook, called hundreds of times per forward, pays; at 8×4096×4096
+# the tuned kernel reached 79-82% of copy bandwidth against the reduction's 75%.
+CUDA_TRITON_SUM_MIN_ELEMS = 1 << 26
 
 
 def _impl(

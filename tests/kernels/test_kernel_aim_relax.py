@@ -202,7 +202,9 @@ def test_omega_accepts_ints():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("fused_max_len", [4096, 8], ids=["max-in-kernel", "max-launch"])
+@pytest.mark.parametrize(
+    "fused_max_len", [4096, 8], ids=["max-in-kernel", "max-launch"]
+)
 @pytest.mark.parametrize(
     "special",
     ["none", "zeros", "nan", "inf", "negative"],
