@@ -138,9 +138,9 @@ def run_device(device: torch.device, sizes, repeat: int) -> list[dict[str, objec
         backends.insert(0, "triton")
     relax_backends = list(backends)
     if device.type == "cpu":
-        from mergekit_aim.kernels import _native
+        from mergekit_aim.kernels import native_available
 
-        if _native.available():
+        if native_available():
             relax_backends.append("native")
         else:
             LOG.warning("native CPU relaxation unavailable: its rows are left out")

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from mergekit_aim.config import PAPER_URL, AimConfig
-from mergekit_aim.selection import elements_text
+from mergekit_aim.relaxation import elements_text
 
 _FRONT_MATTER = "---\n"
 

@@ -196,7 +196,7 @@ def relax(
         base, merged, imap, omega, out, exclude=exclude, source=source
     )
     if not quiet:
-        from mergekit_aim.selection import elements_text
+        from mergekit_aim.relaxation import elements_text
 
         click.echo(
             f"wrote {out}: relaxed {report['relaxed']} of {report['tensors']} "

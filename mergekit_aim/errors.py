@@ -32,3 +32,9 @@ class TextFileError(AimConfigError, CalibrationDataError):
     Both an invalid argument and unreadable calibration data, so that the
     handlers of either catch it.
     """
+
+
+class ShapeMismatchError(ImportanceError):
+    """A merged tensor does not fit its base tensor or its statistic (shape,
+    channel count, number of experts); the message names the tensor and what
+    was expected. Raised only by :func:`mergekit_aim.relaxation.mismatch`."""

@@ -2,8 +2,9 @@
 
 ``aim_method("ties")`` returns (and registers, as ``aim_ties``) a method that
 runs TIES unchanged, then relaxes each output tensor toward the base on the
-input channels the base model uses most (the formula lives in
-:mod:`mergekit_aim.kernels`). Its parameters are the inner method's plus:
+input channels the base model uses most (with the one relaxation core,
+:func:`mergekit_aim.relaxation.relax_tensor`). Its parameters are the inner
+method's plus:
 
 * ``omega`` — ω in [0, 1] (default 0.4, the paper's);
 * ``importance`` — an :class:`~mergekit_aim.importance.ImportanceMap` or the
@@ -39,9 +40,10 @@ from mergekit.merge_methods.base import (
 from pydantic import AfterValidator
 
 from mergekit_aim.config import DEFAULT_OMEGA, PAPER_URL
-from mergekit_aim.errors import AimConfigError, ImportanceError
+from mergekit_aim.errors import AimConfigError
 from mergekit_aim.importance import ImportanceMap, load_cached
 from mergekit_aim.kernels import omega_value
+from mergekit_aim.relaxation import has_statistic, relax_tensor
 
 LOG = logging.getLogger(__name__)
 
@@ -122,129 +124,23 @@ class AimMergeMethod(MergeMethod):
         omega = params["omega"]
         importance = _as_map(params["importance"], self.spec.name)
         key = params["importance_key"] or group.metadata.name
-        if omega >= 1.0:
+        if omega >= 1.0 or not has_statistic(importance, key):
             return merged
-        if isinstance(key, tuple):
-            return self._relax_experts(group, merged, importance, key, float(omega))
-        if key not in importance:
-            return merged
-        base = self._checked_base(group, merged, key)
-        if base is None:
-            return merged
-        vector = importance.on_device(key, merged.device)
-        axis = importance.input_axis(key)
-        _check_channels(group.metadata.name, key, vector, merged.shape, axis)
-        return _relax(merged, base, vector, float(omega), axis, group)
-
-    def _relax_experts(
-        self,
-        group: TensorGroup,
-        merged: torch.Tensor,
-        importance: ImportanceMap,
-        keys: tuple[str | None, ...],
-        omega: float,
-    ) -> torch.Tensor:
-        """Relax ``merged[e]`` with expert ``e``'s statistic, slice by slice;
-        an expert without one keeps the merged slice."""
-        if not any(key is not None and key in importance for key in keys):
-            return merged
-        base = self._checked_base(group, merged, keys)
-        if base is None:
-            return merged
-        result = merged if _owns_storage(merged, group) else merged.clone()
-        relax_experts_(result, base, importance, keys, omega, group.metadata.name)
-        return result
-
-    def _checked_base(
-        self, group: TensorGroup, merged: torch.Tensor, key: Any
-    ) -> torch.Tensor | None:
-        """The base tensor, checked against ``merged``; ``None`` when the
-        merge has no floating-point value to relax."""
-        base = group.base
-        if base is None:
+        if group.base is None:
             raise AimConfigError(
                 f"{self.spec.name} needs the base model's {key} to relax it"
             )
-        if not merged.is_floating_point():
-            return None
-        if base.tensor.shape != merged.shape:
-            raise ImportanceError(
-                f"tensor {group.metadata.name}: merged shape {tuple(merged.shape)} "
-                f"differs from the base's {tuple(base.tensor.shape)}"
-            )
-        return base.tensor
-
-
-def relax_experts_(
-    stack: torch.Tensor,
-    base: torch.Tensor,
-    importance: ImportanceMap,
-    keys: Sequence[str | None],
-    omega: float,
-    name: str,
-) -> torch.Tensor:
-    """In place, ``stack[e] ← relax(base[e], stack[e])`` with expert ``e``'s
-    statistic ``importance[keys[e]]``, along the input axis of the expert's own
-    checkpoint tensor (a matrix, which is what each slice is); an expert whose
-    key is ``None`` or absent keeps its slice. The one rule for stacks of
-    experts, in a merge and after one (:mod:`mergekit_aim.offline`).
-    Returns ``stack``."""
-    if stack.ndim < 2 or stack.shape[0] != len(keys):
-        raise ImportanceError(
-            f"tensor {name}: {len(keys)} experts have statistics, but the "
-            f"weight has shape {tuple(stack.shape)}"
+        # The inner method's fresh result is relaxed where it lies, saving an
+        # output-sized allocation per tensor; anything else is never written.
+        return relax_tensor(
+            group.metadata.name,
+            group.base.tensor,
+            merged,
+            importance,
+            key,
+            float(omega),
+            in_place=_owns_storage(merged, group),
         )
-    for expert, key in enumerate(keys):
-        if key is None or key not in importance:
-            continue
-        vector = importance.on_device(key, stack.device)
-        axis = importance.input_axis(key) % (stack.ndim - 1)
-        _check_channels(f"{name}[{expert}]", key, vector, stack.shape[1:], axis)
-        _relax_in_place(stack[expert], base[expert], vector, omega, axis)
-    return stack
-
-
-def _check_channels(
-    name: str, key: str, vector: torch.Tensor, shape: Sequence[int], axis: int
-) -> None:
-    if len(shape) == 0 or shape[axis] != vector.numel():
-        raise ImportanceError(
-            f"tensor {name}: the statistic {key} has {vector.numel()} channels, "
-            f"but the weight has shape {tuple(shape)} (input axis {axis}): "
-            f"artifact for another model, or a layer mapping the artifact does "
-            f"not cover"
-        )
-
-
-def _relax(
-    merged: torch.Tensor,
-    base: torch.Tensor,
-    vector: torch.Tensor,
-    omega: float,
-    axis: int,
-    group: TensorGroup,
-) -> torch.Tensor:
-    from mergekit_aim.kernels import aim_relax
-
-    if _owns_storage(merged, group):
-        # The inner method's fresh result: relax it where it lies, saving
-        # an output-sized allocation per tensor.
-        return _relax_in_place(merged, base, vector, omega, axis)
-    vector = vector.to(merged.device, non_blocking=True)
-    return aim_relax(base, merged, vector, omega, input_axis=axis)
-
-
-def _relax_in_place(
-    merged: torch.Tensor,
-    base: torch.Tensor,
-    vector: torch.Tensor,
-    omega: float,
-    axis: int,
-) -> torch.Tensor:
-    from mergekit_aim.kernels import aim_relax_
-
-    vector = vector.to(merged.device, non_blocking=True)
-    return aim_relax_(merged, base, vector, omega, axis)
 
 
 def _owns_storage(merged: torch.Tensor, group: TensorGroup) -> bool:

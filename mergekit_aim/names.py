@@ -167,7 +167,6 @@ def meta_model(path: str, *, trust_remote_code: bool = False) -> Any | None:
     saved from: a causal LM, or a vision-language model whose language tower
     is merged); ``None`` when transformers has no such class.
     """
-    import torch
     from transformers import AutoConfig
 
     try:
@@ -175,6 +174,14 @@ def meta_model(path: str, *, trust_remote_code: bool = False) -> Any | None:
     except Exception as error:
         LOG.info("names: cannot read the config of %s (%s)", path, error)
         return None
+    return meta_model_for_config(config)
+
+
+def meta_model_for_config(config: Any) -> Any | None:
+    """The model class ``config`` names (a transformers config), built on the
+    meta device; ``None`` when transformers has no such class."""
+    import torch
+
     model_class = model_class_for(config)
     if model_class is None:
         return None

@@ -12,13 +12,15 @@ was saved with. Such a tensor's base value is built from the base's checkpoint
 tensors with mergekit's own conversion
 (``mergekit.architecture.conversion.convert_checkpoint_tensors``), and a stack
 of experts is relaxed slice by slice, each expert with its own statistic.
+
+Every path here decides and relaxes through :mod:`mergekit_aim.relaxation`;
+this module reads and writes (state dicts, checkpoints, reports).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -34,18 +36,16 @@ from mergekit_aim.checkpoint import safetensors_header
 from mergekit_aim.config import PAPER_URL
 from mergekit_aim.errors import AimConfigError, ImportanceError
 from mergekit_aim.importance import ImportanceMap
-from mergekit_aim.kernels import omega_value
-from mergekit_aim.selection import (
+from mergekit_aim.relaxation import (
     Coverage,
-    Selection,
+    Relaxation,
     Statistic,
+    check_statistic_shape,
     elements_text,
     find_statistic,
-    has_input,
-    layer_positions,
-    setting_json,
-    skipped_reason,
+    relax_with,
 )
+from mergekit_aim.selection import Selection, setting_json
 
 LOG = logging.getLogger(__name__)
 
@@ -58,34 +58,7 @@ def relax(
     input_axis: int = -1,
 ) -> torch.Tensor:
     """``B + (M − B)·(1 − s·(1 − ω))`` with ``s = |a|/max|a|`` along ``input_axis``."""
-    from mergekit_aim.kernels import aim_relax
-
-    return aim_relax(
-        base, merged, importance, omega_value(omega), input_axis=input_axis
-    )
-
-
-def relax_keyed(
-    base: torch.Tensor,
-    merged: torch.Tensor,
-    importance: ImportanceMap,
-    key: str | tuple[str | None, ...],
-    omega: float,
-    name: str,
-) -> torch.Tensor:
-    """``relax`` with the statistic the artifact holds under ``key``, in the
-    merged dtype. A tuple ``key`` is one key per expert of a stack ``[E, …]``,
-    relaxed slice by slice as a merge does (:func:`mergekit_aim.method.relax_experts_`);
-    ``name`` names the tensor in errors."""
-    if isinstance(key, str):
-        return relax(
-            base, merged, importance[key], omega, importance.input_axis(key)
-        ).to(merged.dtype)
-    from mergekit_aim.method import relax_experts_
-
-    return relax_experts_(
-        merged.clone(), base, importance, key, omega_value(omega), name
-    )
+    return relax_with(base, merged, importance, omega, input_axis)
 
 
 def apply_aim(
@@ -95,6 +68,7 @@ def apply_aim(
     omega: Any,
     *,
     exclude: Iterable[str] = (),
+    model: Any = None,
 ) -> dict[str, torch.Tensor]:
     """Relax every tensor of ``merged_sd`` that the selection picks; copy the rest.
 
@@ -102,28 +76,40 @@ def apply_aim(
     gradient over the layers, see :mod:`mergekit_aim.selection`); ``exclude``
     regexes leave tensors alone. Returns a new dict (inputs are not modified).
     Relaxed tensors must exist in ``base_sd`` with the merged tensor's shape.
+
+    The artifact is keyed by checkpoint names. State dicts of a transformers
+    model name some tensors otherwise (transformers 5 stacks a mixture of
+    experts into ``mlp.experts.gate_up_proj`` ``[E, 2I, H]``): given ``model``
+    (that model, possibly on the meta device, its config, or a checkpoint
+    directory), transformers' conversion finds their statistics, and a stack
+    is relaxed slice by slice, each expert with its own. Without it such a
+    stack is refused by name. Gaps in coverage are logged as warnings.
     """
-    selection = Selection(omega, exclude)
-    positions = layer_positions(merged_sd)
-    result = {}
-    for name, merged in merged_sd.items():
-        key = name if name in importance else None
-        decision = selection.decide(name, key, positions[name])
-        if not decision.relaxed:
-            result[name] = merged
-            continue
-        base = base_sd.get(name)
-        if base is None:
-            raise ImportanceError(f"base state dict has no tensor {name}")
-        if base.shape != merged.shape:
-            raise ImportanceError(
-                f"tensor {name}: base shape {tuple(base.shape)} differs from merged "
-                f"{tuple(merged.shape)}"
-            )
-        result[name] = relax(
-            base, merged, importance[name], decision.omega, importance.input_axis(name)
-        )
+    relaxation = Relaxation(Selection(omega, exclude), importance)
+    name_map = None if model is None else _name_map(model, importance)
+    result = relaxation.relax_state(base_sd, merged_sd, name_map=name_map)
+    for gap in relaxation.coverage.gaps():
+        LOG.warning(gap)
     return result
+
+
+def _name_map(model: Any, importance: ImportanceMap) -> Any:
+    """The :class:`~mergekit_aim.names.NameMap` from the artifact's checkpoint
+    names to ``model``'s (a model, a config, or a checkpoint directory)."""
+    from mergekit_aim.names import NameMap, meta_model, meta_model_for_config
+
+    if isinstance(model, (str, os.PathLike)):
+        built = meta_model(str(model))
+    elif isinstance(model, torch.nn.Module):
+        built = model
+    else:
+        built = meta_model_for_config(model)
+    if built is None:
+        raise AimConfigError(
+            f"model: transformers has no model class for {model!r}, so the "
+            f"artifact's checkpoint names cannot be mapped to the state dict's"
+        )
+    return NameMap.from_model(built, list(importance))
 
 
 def model_type(model_dir: str | os.PathLike) -> str | None:
@@ -306,30 +292,8 @@ def merged_statistics(
             f"no tensor {', '.join(foreign[:3])}{' …' if len(foreign) > 3 else ''}"
         )
     for name, found in statistics.items():
-        _check_shape(found, merged_ckpt.shape(name), base_ckpt)
+        check_statistic_shape(found, merged_ckpt.shape(name), base_ckpt.shape)
     return statistics
-
-
-def _check_shape(found: Statistic, shape: tuple[int, ...], base_ckpt: Any) -> None:
-    def refuse(expected: Any) -> None:
-        raise ImportanceError(
-            f"tensor {found.name}: merged shape {shape} differs from the base's "
-            f"{expected}"
-        )
-
-    if found.experts is None and len(found.sources) == 1:
-        expected = base_ckpt.shape(found.sources[0])
-        if expected != shape:
-            refuse(expected)
-        return
-    numel = math.prod(shape)
-    if numel != found.elements:
-        refuse(f"{found.elements} elements in {', '.join(found.sources[:2])} …")
-    if found.experts is not None:
-        if not shape or shape[0] != len(found.experts):
-            refuse(f"stack of {len(found.experts)} experts")
-        if any(n * shape[0] != numel for n in found.expert_elements):
-            refuse(f"experts of {list(found.expert_elements)} elements")
 
 
 def base_tensor(
@@ -379,22 +343,12 @@ def write_relaxed(
     """
     from safetensors import safe_open
 
-    positions = layer_positions(pair.merged_shards)
-    vocabulary = vocabulary_names(pair.merged_dir)
-    coverage = Coverage()
-    decisions = {}
-    for name in sorted(pair.merged_shards):
-        found = pair.statistics[name]
-        decision = selection.decide(name, found.importance_key, positions[name])
-        coverage.add(
-            name,
-            decision,
-            found,
-            has_input=has_input(found, vocabulary=name in vocabulary),
-            why=skipped_reason(importance, found),
-        )
-        decisions[name] = decision
-    for gap in coverage.gaps():
+    relaxation = Relaxation(selection, importance)
+    decisions = relaxation.decide_all(
+        {name: pair.statistics[name] for name in pair.merged_shards},
+        vocabulary=vocabulary_names(pair.merged_dir),
+    )
+    for gap in relaxation.coverage.gaps():
         LOG.warning(gap)
 
     out_dir = Path(out_dir)
@@ -426,18 +380,8 @@ def write_relaxed(
                     found = pair.statistics[name]
                     merged = tensor(shard, name)
                     base = base_tensor(found, read_base, pair.model_type)
-                    if base.shape != merged.shape:
-                        raise ImportanceError(
-                            f"tensor {name}: merged shape {tuple(merged.shape)} "
-                            f"differs from the base's {tuple(base.shape)}"
-                        )
-                    result = relax_keyed(
-                        base,
-                        merged,
-                        importance,
-                        found.importance_key,
-                        decision.omega,
-                        name,
+                    result = relaxation.relax(
+                        name, base, merged, found.importance_key, decision.omega
                     )
                     data = result.contiguous().reshape(-1).view(torch.uint8)
                     out.write(data.numpy().tobytes())
@@ -450,7 +394,7 @@ def write_relaxed(
         if entry.is_file() and not entry.name.endswith(".safetensors"):
             if entry.name != "README.md":
                 shutil.copy2(entry.path, out_dir / entry.name)
-    return coverage
+    return relaxation.coverage
 
 
 def load_importance(spec: str | None) -> ImportanceMap:

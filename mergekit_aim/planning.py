@@ -3,7 +3,8 @@
 An :class:`AimMergeSession` lives for one ``MergePlanner._plan`` call. It gets
 the importance artifact before any tensor task exists (so a bad artifact fails
 before anything is loaded or written), decides for every planned tensor whether
-and with which ω it is relaxed, routes those tasks to the AIM wrapper method,
+and with which ω it is relaxed (through the one relaxation core,
+:mod:`mergekit_aim.relaxation`), routes those tasks to the AIM wrapper method,
 and summarises what it did in a coverage report.
 """
 
@@ -22,13 +23,11 @@ from mergekit_aim.errors import AimConfigError
 from mergekit_aim.importance import ImportanceMap, load_cached, resolve_artifact
 from mergekit_aim.method import aim_method
 from mergekit_aim.names import lazy_name_map
-from mergekit_aim.selection import (
-    Coverage,
+from mergekit_aim.relaxation import (
+    Relaxation,
     Statistic,
     elements_text,
     find_statistic,
-    has_input,
-    skipped_reason,
 )
 
 LOG = logging.getLogger(__name__)
@@ -98,8 +97,8 @@ class AimMergeSession:
         self.artifact_path = artifact_path
         self.importance = importance
         self.source = source
-        self.selection = aim.selection()
-        self.coverage = Coverage()
+        self.relaxation = Relaxation(aim.selection(), importance)
+        self.coverage = self.relaxation.coverage
         # The base checkpoint's names ↔ the model's (transformers' conversion),
         # built on the first tensor whose name the checkpoint lacks.
         self.name_map = lazy_name_map(checkpoint)
@@ -143,22 +142,19 @@ class AimMergeSession:
             )
         base_weight = weights_in[models.index(base)]
         statistic = self._statistic(base_weight)
-        key = None if statistic is None else statistic.importance_key
-        decision = self.selection.decide(weight.name, key, t=cfg_reader.t)
-        self.coverage.add(
+        decision = self.relaxation.decide(
             weight.name,
-            decision,
             statistic,
-            has_input=has_input(
-                statistic, vocabulary=weight.vocabulary_axis is not None
-            ),
-            why=skipped_reason(self.importance, statistic),
+            cfg_reader.t,
+            vocabulary=weight.vocabulary_axis is not None,
         )
         if not decision.relaxed:
             return task
         parameters = dict(task.parameters.items())
         parameters.update(
-            omega=decision.omega, importance=self.artifact_path, importance_key=key
+            omega=decision.omega,
+            importance=self.artifact_path,
+            importance_key=statistic.importance_key,
         )
         return task.model_copy(
             update={
@@ -256,10 +252,9 @@ def _omega_text(summary: dict[str, Any]) -> str:
 def _check_cpu_kernel_choice() -> None:
     """Refuse a bad ``MERGEKIT_AIM_CPU_KERNEL``, or a required native loop that
     cannot be built, now rather than at the first relaxed tensor."""
-    from mergekit_aim.kernels import _native
+    from mergekit_aim.kernels import NativeKernelUnavailable, check_cpu_kernel
 
     try:
-        if _native.mode() == "native":
-            _native.library()
-    except (ValueError, _native.NativeKernelUnavailable) as err:
+        check_cpu_kernel()
+    except (ValueError, NativeKernelUnavailable) as err:
         raise AimConfigError(str(err)) from err

@@ -1,8 +1,9 @@
 """The package's shape: imports run one way, and the public API is unambiguous.
 
 Imports run from the command line down to the artifact and the kernels:
-cli → demo → tuning → mergekit integration (plugin, planning, method, offline,
-card, config) → selection and calibration → importance, checkpoint, kernels.
+cli → demo → tuning → plugin → planning/offline → card/method → config →
+relaxation (the one relaxation core) → selection and calibration → importance
+→ kernels, checkpoint, names → errors.
 A module may import its own component or any component on a lower layer,
 never one above it; function-level imports count too (they are still arrows).
 """
@@ -24,6 +25,7 @@ LAYERS = [
     {"kernels", "checkpoint", "names"},
     {"importance"},
     {"selection", "calibration"},
+    {"relaxation"},
     {"config"},
     {"card", "method"},
     {"planning", "offline"},
@@ -133,3 +135,71 @@ def test_light_imports_do_not_load_transformers(module):
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "False"
+
+
+def _module_name(path: Path) -> str:
+    parts = ["mergekit_aim", *path.relative_to(PACKAGE).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_import_cycles_between_modules():
+    """Module by module, function-level imports included (a package's
+    ``__init__`` re-exporting its own modules aside): e.g. calibration's data
+    reads its defaults from settings, and settings never imports data."""
+    modules = {_module_name(path): path for path in _modules()}
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for _, module in _imports(path):
+            while module and module not in modules:
+                module = module.rpartition(".")[0]
+            if module and module != name and not name.startswith(module + "."):
+                targets.add(module)
+        graph[name] = targets
+
+    def cycle_from(start):
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    return path
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+        return None
+
+    cycles = {tuple(c) for c in map(cycle_from, graph) if c}
+    assert cycles == set()
+
+
+def test_one_relaxation_core():
+    """Only relaxation.py applies the ω rule and calls the relaxation kernels;
+    nothing outside kernels/ imports the kernels' private modules."""
+    offenders = []
+    for path in _modules():
+        rel = path.relative_to(PACKAGE)
+        if rel.parts[0] == "kernels":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                private = node.module.startswith("mergekit_aim.kernels._") or (
+                    node.module == "mergekit_aim.kernels"
+                    and any(a.name.startswith("_") for a in node.names)
+                )
+                relaxes = node.module.startswith("mergekit_aim.kernels") and any(
+                    a.name in ("aim_relax", "aim_relax_", "relax_factor")
+                    for a in node.names
+                )
+                if private or (relaxes and rel.name != "relaxation.py"):
+                    offenders.append(f"{rel}:{node.lineno} imports {node.module}")
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "decide"
+                and rel.name not in ("relaxation.py", "selection.py")
+                and "selection" in ast.unparse(node.func.value)
+            ):
+                offenders.append(f"{rel}:{node.lineno} decides outside the core")
+    assert offenders == []

@@ -320,17 +320,3 @@ def test_require_full_coverage_is_validated():
     assert AimConfig(importance="x", require_full_coverage=True).require_full_coverage
     with pytest.raises(ValueError, match="require_full_coverage"):
         AimConfig(importance="x", require_full_coverage="sometimes")
-
-
-def test_a_stack_of_the_wrong_size_names_the_tensor():
-    """Merge and post-hoc relax share the per-expert rule, and its refusal."""
-    from mergekit_aim.errors import ImportanceError
-    from mergekit_aim.offline import relax_keyed
-
-    imap = ImportanceMap({"e0": torch.ones(4)}, {"e0": 1}, {"e0": -1})
-    stack = torch.zeros(3, 2, 4)
-    with pytest.raises(ImportanceError, match=r"tensor x\.gate_up_proj: 2 experts"):
-        relax_keyed(stack, stack, imap, ("e0", None), 0.4, "x.gate_up_proj")
-    relaxed = relax_keyed(stack, stack + 1, imap, ("e0", None, None), 0.0, "x")
-    assert torch.equal(relaxed[0], torch.zeros(2, 4))  # s = 1 everywhere: the base
-    assert torch.equal(relaxed[1:], torch.ones(2, 2, 4))  # no statistic: merged

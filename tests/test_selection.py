@@ -9,13 +9,13 @@ from mergekit_aim.calibration.data import read_txt_documents
 from mergekit_aim.errors import AimConfigError, CalibrationDataError, TextFileError
 from mergekit_aim.importance import ImportanceMap
 from mergekit_aim.offline import apply_aim
+from mergekit_aim.relaxation import Coverage
 from mergekit_aim.selection import (
     EXCLUDED,
     NO_OMEGA,
     NO_STATISTIC,
     OMEGA_ONE,
     RELAXED,
-    Coverage,
     Selection,
     is_mlp,
     layer_positions,

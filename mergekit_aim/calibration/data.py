@@ -46,8 +46,16 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from mergekit_aim.calibration.settings import (
+    BOS_PER_BLOCK_CHOICES,  # noqa: F401 (re-exported: the CLI's choices)
+    DEFAULT_BOS_PER_BLOCK,
+    PILE_VAL,
+    BosPerBlock,
+    CalibrationConfig,
+    bos_per_block_value,
+)
 from mergekit_aim.errors import AimConfigError, CalibrationDataError, TextFileError
 
 if TYPE_CHECKING:
@@ -56,7 +64,6 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger(__name__)
 
-PILE_VAL = "pile-val"
 PILE_VAL_ID = "mit-han-lab/pile-val-backup"
 PILE_VAL_SPLIT = "validation"
 BUILTIN = "builtin"
@@ -71,14 +78,6 @@ _FILE_LIKE_SUFFIXES = frozenset(
     {*LOCAL_SUFFIXES, ".json", ".csv", ".tsv", ".arrow", ".md", ".text"}
     | {".gz", ".bz2", ".xz", ".zst", ".zip", ".tar"}
 )
-# ``bos_per_block``: "auto", or a boolean. Its default is stated here, beside
-# the packing it governs, for CalibrationConfig (calibration/settings.py) to
-# take; everything else reads it from there. build_blocks keeps it as its own
-# keyword default because settings.py imports this module.
-BosPerBlock = Literal["auto"] | bool
-DEFAULT_BOS_PER_BLOCK: BosPerBlock = "auto"
-BOS_PER_BLOCK_CHOICES = ("auto", "true", "false")
-
 _OFFLINE_HINT = (
     "use `--dataset builtin` (a corpus mergekit-aim builds offline from this "
     "machine's Python sources) or a local .txt/.jsonl/.parquet file"
@@ -135,9 +134,6 @@ def build_blocks(
     invalid ``bos_per_block`` raises AimConfigError). ``num_samples``,
     ``seq_len`` and ``seed`` left at None take CalibrationConfig's defaults.
     """
-    # Imported here: settings.py imports this module for the BOS rule.
-    from mergekit_aim.calibration.settings import CalibrationConfig
-
     defaults = CalibrationConfig.model_fields
     if num_samples is None:
         num_samples = defaults["num_samples"].default
@@ -235,28 +231,6 @@ def build_blocks(
         num_texts=len(texts),
         dataset=dataset,
         description=description,
-    )
-
-
-def bos_per_block_value(value: object) -> BosPerBlock:
-    """Validate a ``bos_per_block`` setting: ``"auto"``, True or False.
-
-    The strings ``auto``, ``true`` and ``false`` (any case, as the CLI and
-    YAML may give them) are accepted; anything else raises AimConfigError
-    naming the field.
-    """
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word == "auto":
-            return "auto"
-        if word in ("true", "false"):
-            return word == "true"
-    raise AimConfigError(
-        f"bos_per_block must be auto, true or false; got {value!r}. auto starts "
-        f"every calibration block with BOS when the tokenizer adds one to every "
-        f"text; false is the paper's packing"
     )
 
 

@@ -6,8 +6,9 @@ and :func:`mergekit_aim.calibration.calibrate`'s keyword settings are all this
 model: the CLI reads its option defaults and choices from
 ``CalibrationConfig.model_fields`` and ``calibrate()`` validates its keywords
 with it, so a default changed here changes everywhere. This module stays
-light (pydantic and the stdlib-only :mod:`~mergekit_aim.calibration.data`
-constants), as the CLI builds its option table from it at import time.
+light (pydantic and the stdlib), as the CLI builds its option table from it
+at import time; :mod:`~mergekit_aim.calibration.data` imports it, never the
+other way round.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from mergekit_aim.calibration.data import (
-    DEFAULT_BOS_PER_BLOCK,
-    PILE_VAL,
-    BosPerBlock,
-    bos_per_block_value,
-)
 from mergekit_aim.errors import AimConfigError, AimError
+
+# The paper's calibration corpus, the default dataset
+# (:mod:`~mergekit_aim.calibration.data` resolves it).
+PILE_VAL = "pile-val"
+
+# ``bos_per_block``: "auto", or a boolean (see calibration/data.py's packing).
+BosPerBlock = Literal["auto"] | bool
+DEFAULT_BOS_PER_BLOCK: BosPerBlock = "auto"
+BOS_PER_BLOCK_CHOICES = ("auto", "true", "false")
 
 # Where calibration runs when nothing chose a device: CalibrationConfig's
 # device is None ("unset") so that a merge can fill it from mergekit's own
@@ -33,6 +37,28 @@ FALLBACK_DEVICE = "cpu"
 
 CalibrationDtype = Literal["auto", "float32", "bfloat16", "float16"]
 CALIBRATION_DTYPES: tuple[str, ...] = get_args(CalibrationDtype)
+
+
+def bos_per_block_value(value: object) -> BosPerBlock:
+    """Validate a ``bos_per_block`` setting: ``"auto"``, True or False.
+
+    The strings ``auto``, ``true`` and ``false`` (any case, as the CLI and
+    YAML may give them) are accepted; anything else raises AimConfigError
+    naming the field.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word == "auto":
+            return "auto"
+        if word in ("true", "false"):
+            return word == "true"
+    raise AimConfigError(
+        f"bos_per_block must be auto, true or false; got {value!r}. auto starts "
+        f"every calibration block with BOS when the tokenizer adds one to every "
+        f"text; false is the paper's packing"
+    )
 
 
 class CalibrationConfig(BaseModel):

@@ -15,7 +15,9 @@ Importing this package registers ``torch.ops.mergekit_aim.channel_abs_sum``,
 optional and imported only when a Triton kernel is first needed.
 """
 
+from mergekit_aim.kernels import _native
 from mergekit_aim.kernels._formula import omega_value, relax_factor
+from mergekit_aim.kernels._native import NativeKernelUnavailable
 from mergekit_aim.kernels._ops import (
     aim_relax,
     aim_relax_,
@@ -23,11 +25,29 @@ from mergekit_aim.kernels._ops import (
     channel_abs_sum_,
 )
 
+
+def check_cpu_kernel() -> None:
+    """Refuse a bad ``MERGEKIT_AIM_CPU_KERNEL`` (ValueError) or, where it
+    requires the native CPU loop, one that cannot be built
+    (:class:`NativeKernelUnavailable`): before the first relaxation."""
+    if _native.mode() == "native":
+        _native.library()
+
+
+def native_available() -> bool:
+    """Whether "auto" relaxes CPU tensors with the native loop (built on first
+    call; warns once when it cannot be)."""
+    return _native.available()
+
+
 __all__ = [
+    "NativeKernelUnavailable",
     "aim_relax",
     "aim_relax_",
     "channel_abs_sum",
     "channel_abs_sum_",
+    "check_cpu_kernel",
+    "native_available",
     "omega_value",
     "relax_factor",
 ]

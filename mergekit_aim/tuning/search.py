@@ -44,13 +44,11 @@ import torch
 from mergekit_aim.errors import AimConfigError
 from mergekit_aim.importance import ImportanceMap
 from mergekit_aim.kernels import omega_value
+from mergekit_aim.relaxation import Relaxation
 from mergekit_aim.selection import (
-    EXCLUDED,
     MLP_FILTERS,
-    NO_STATISTIC,
     Selection,
     is_mlp,
-    layer_positions,
     setting_json,
     split_omega,
 )
@@ -132,23 +130,12 @@ def candidate_tensors(
     name itself, or under ``keys[name]`` (the checkpoint name a renamed
     tensor's statistic has, or one key per expert of a stack of experts).
     """
-    from mergekit_aim.offline import relax_keyed
-
-    keys = keys or {}
     omega_mlp = omega_attention if omega_mlp is None else omega_mlp
     selection = Selection(split_omega(omega_attention, omega_mlp))
-    positions = layer_positions(merged_tensors)
-    result = {}
-    for name, merged in merged_tensors.items():
-        key = keys.get(name, name)
-        decision = selection.decide(name, key, positions[name])
-        if not decision.relaxed:
-            result[name] = merged
-            continue
-        result[name] = relax_keyed(
-            base_tensors[name], merged, importance, key, decision.omega, name
-        )
-    return result
+    keys = {name: (keys or {}).get(name, name) for name in merged_tensors}
+    return Relaxation(selection, importance).relax_state(
+        base_tensors, merged_tensors, keys=keys
+    )
 
 
 # --------------------------------------------------------------------------
@@ -306,14 +293,8 @@ def tune_merged(
     # exclude pattern names are the candidates' relaxed tensors.
     from mergekit_aim.offline import merged_statistics
 
-    excluding = Selection(1.0, exclude)
     statistics = merged_statistics(base_ckpt, merged_ckpt, imap)
-    keys = {}
-    for name, found in statistics.items():
-        key = found.importance_key
-        if excluding.decide(name, key).reason in (EXCLUDED, NO_STATISTIC):
-            continue
-        keys[name] = key
+    keys = Relaxation(Selection(1.0, exclude), imap).candidates(statistics)
     names = sorted(keys)
     if split_attention_mlp and not any(is_mlp(n) for n in names):
         raise AimConfigError(
