@@ -32,3 +32,11 @@ class TextFileError(AimConfigError, CalibrationDataError):
     Both an invalid argument and unreadable calibration data, so that the
     handlers of either catch it.
     """
+
+
+class OutputError(AimError, RuntimeError):
+    """An output cannot be written there: not writable, or not enough space."""
+
+
+class NonFiniteError(AimError, ValueError):
+    """A model to be written holds NaN or Inf values."""
