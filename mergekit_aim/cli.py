@@ -27,14 +27,25 @@ def _setup_logging(quiet: bool, verbose: int = 0) -> None:
 
 
 class _AimGroup(click.Group):
-    """Turn the package's own errors into one clear line and exit status 2."""
+    """Turn the package's own errors into one clear line and exit status 2,
+    and Ctrl-C or SIGTERM into one line and status 130 or 143, after the same
+    cleanup (see :mod:`mergekit_aim.output`)."""
 
     def invoke(self, ctx: click.Context):
+        from mergekit_aim.output import Terminated, terminate_as_interrupt
+
         try:
-            return super().invoke(ctx)
+            with terminate_as_interrupt():
+                return super().invoke(ctx)
         except AimError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(2)
+        except Terminated:
+            click.echo("error: terminated (SIGTERM)", err=True)
+            sys.exit(143)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=_AimGroup)
@@ -143,7 +154,10 @@ def calibrate(base: str, output: str, quiet: bool, verbose: int, **settings) -> 
     """Measure BASE's input activations and write an importance artifact."""
     from mergekit_aim.calibration.distributed import ranks_from_env
 
+    from mergekit_aim.output import check_target
+
     _setup_logging(quiet, verbose)
+    check_target(output, directory=False)
     importance = _calibrate(base, quiet, **settings)
     if not ranks_from_env().is_main:
         return  # every rank holds the combined result; rank 0 writes it
@@ -180,12 +194,14 @@ def relax(
     from mergekit_aim.errors import AimConfigError
     from mergekit_aim.kernels import omega_value
     from mergekit_aim.offline import load_importance, relax_checkpoint
+    from mergekit_aim.output import check_target
 
     _setup_logging(quiet, verbose)
     try:
         omega = omega_value(omega)
     except ValueError as error:
         raise AimConfigError(f"--omega: {error}") from None
+    check_target(out, directory=True)
     if importance is not None:
         imap = load_importance(importance)
         source = importance

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -147,11 +146,16 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
     # --- file format -------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically: a reader sees the old file or the whole new one."""
-        from safetensors.torch import save_file
+        """Write atomically: a reader sees the old file or the whole new one.
+
+        The file is serialised first, so that a filesystem without room for
+        it is refused before anything is written (see :mod:`mergekit_aim.output`).
+        """
+        from safetensors.torch import save
+
+        from mergekit_aim.output import staged_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),
@@ -160,15 +164,9 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
             "input_axes": json.dumps(self._axes, sort_keys=True),
             "provenance": json.dumps(self.provenance, sort_keys=True, default=str),
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(dict(self._sums), tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        data = save(dict(self._sums), metadata=metadata)
+        with staged_file(path, len(data)) as partial:
+            partial.write_bytes(data)
         return path
 
     @classmethod

@@ -139,10 +139,22 @@ def no_space_as_error(target: str | os.PathLike) -> Iterator[None]:
     except OSError as error:
         if error.errno not in _NO_SPACE:
             raise
+        target = _final_name(Path(target).absolute())
         raise OutputError(
-            f"no space left in {Path(target).absolute().parent} while writing "
-            f"{target}; nothing was written"
+            f"no space left in {target.parent} while writing {target} "
+            f"({error.strerror}); nothing was written"
         ) from None
+
+
+def _final_name(path: Path) -> Path:
+    """``path`` with each temporary component named as its target."""
+    pattern = re.compile(rf"\.(.+){re.escape(PARTIAL)}\d+")
+    return Path(
+        *(
+            found.group(1) if (found := pattern.fullmatch(part)) else part
+            for part in path.parts
+        )
+    )
 
 
 @contextlib.contextmanager
