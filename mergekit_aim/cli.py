@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -134,14 +135,15 @@ def _calibrate(base: str, quiet: bool, trust_remote_code: bool, **settings):
     from mergekit_aim.calibration import calibrate
     from mergekit_aim.calibration.settings import calibration_config
 
+    from mergekit_aim.console import quiet_transformers
+
     # calibration_config validates like CalibrationConfig(**settings), but
     # reports an invalid option as an AimError (one line, exit status 2).
-    return calibrate(
-        base,
-        calibration_config(**settings),
-        trust_remote_code=trust_remote_code,
-        quiet=quiet,
-    )
+    config = calibration_config(**settings)
+    with quiet_transformers() if quiet else contextlib.nullcontext():
+        return calibrate(
+            base, config, trust_remote_code=trust_remote_code, quiet=quiet
+        )
 
 
 @main.command()

@@ -224,7 +224,9 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
                 raise ImportanceError(f"{path}: no token count or axis for {name}")
             if int(counts[name]) <= 0:
                 raise ImportanceError(f"{path}: token count of {name} is not positive")
-        provenance.setdefault("file", os.path.abspath(path))
+        # This file, even where the map was saved from one loaded elsewhere:
+        # refusals name the file the user gave.
+        provenance["file"] = os.path.abspath(path)
         provenance["file_sha256"] = file_sha256(path)
         return cls(sums, counts, axes, provenance, statistic=statistic)
 

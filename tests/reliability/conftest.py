@@ -62,3 +62,13 @@ def one_error_line(result: Any, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+def usage_error(result: Any, *fragments: str) -> str:
+    """click refused an argument: status 2, its usage lines and one ``Error:``
+    line holding every fragment; returns that line."""
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.exit_code == 2 and last.startswith("Error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in last, last
+    return last
