@@ -184,7 +184,12 @@ def check_shards(path: str) -> None:
             )
 
 
-_FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+_FLOAT_DTYPES = {
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+}
 
 
 def check_finite(name: str, values, source: str, dtype: str | None = None) -> None:

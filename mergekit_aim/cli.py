@@ -134,16 +134,13 @@ def _calibrate(base: str, quiet: bool, trust_remote_code: bool, **settings):
     """Run calibrate() with the calibration options (CalibrationConfig fields)."""
     from mergekit_aim.calibration import calibrate
     from mergekit_aim.calibration.settings import calibration_config
-
     from mergekit_aim.console import quiet_transformers
 
     # calibration_config validates like CalibrationConfig(**settings), but
     # reports an invalid option as an AimError (one line, exit status 2).
     config = calibration_config(**settings)
     with quiet_transformers() if quiet else contextlib.nullcontext():
-        return calibrate(
-            base, config, trust_remote_code=trust_remote_code, quiet=quiet
-        )
+        return calibrate(base, config, trust_remote_code=trust_remote_code, quiet=quiet)
 
 
 @main.command()
@@ -155,7 +152,6 @@ def _calibrate(base: str, quiet: bool, trust_remote_code: bool, **settings):
 def calibrate(base: str, output: str, quiet: bool, verbose: int, **settings) -> None:
     """Measure BASE's input activations and write an importance artifact."""
     from mergekit_aim.calibration.distributed import ranks_from_env
-
     from mergekit_aim.output import check_target
 
     _setup_logging(quiet, verbose)

@@ -68,8 +68,8 @@ def load_base_model(
     the model's own safetensors files when it has them (nothing is copied);
     ``offload_dir`` holds only weights that must be rewritten (other formats,
     converted weights); without one, a temporary directory
-    (:func:`offload_directory`) is made and removed with the model. ``device="auto"`` lets accelerate spread the model over
-    all devices.
+    (:func:`offload_directory`) is made and removed with the model.
+    ``device="auto"`` lets accelerate spread the model over all devices.
 
     Loading a capped model still reads every tensor once (transformers
     materializes the offloaded ones too, then drops them), through a memory
@@ -160,5 +160,5 @@ OFFLOAD_PREFIX = "mergekit-aim-offload"
 
 def offload_directory() -> Path:
     """A new temporary directory for offloaded weights; those a killed run
-    left behind are removed first (see :func:`mergekit_aim.output.temporary_directory`)."""
+    left behind are removed first (:func:`mergekit_aim.output.temporary_directory`)."""
     return temporary_directory(OFFLOAD_PREFIX)

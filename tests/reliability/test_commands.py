@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import invoke, leftovers, one_error_line, usage_error
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mergekit_aim import output
@@ -64,9 +65,10 @@ def test_relax_refuses_a_full_disk(family, artifact, tmp_path, small_disk):
         invoke(*relax_args(family, artifact, out)), "not enough space", "100,000 free"
     )
     needed = sum(f.stat().st_size for f in Path(family.finetunes[0]).iterdir())
-    assert f"in {tmp_path} " in line and int(
-        line.split("needs ")[1].split(" bytes")[0].replace(",", "")
-    ) >= needed
+    assert (
+        f"in {tmp_path} " in line
+        and int(line.split("needs ")[1].split(" bytes")[0].replace(",", "")) >= needed
+    )
     assert os.listdir(tmp_path) == []
 
 
@@ -127,7 +129,8 @@ def test_capped_calibration_removes_its_offload_directory(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(forward, "collect_importance", fail)
-    result = invoke(*calibrate_args(family.base, tiny_text_file, tmp_path / "b", "--max-memory", "200KB"))
+    args = calibrate_args(family.base, tiny_text_file, tmp_path / "b", *args[-2:])
+    result = invoke(*args)
     assert result.exit_code == 130 and result.stderr.strip() == "error: interrupted"
     assert not list(temp.glob("mergekit-aim-offload-*"))
     assert sorted(os.listdir(tmp_path)) == ["imp.safetensors", "tmp"]
@@ -152,11 +155,8 @@ def _bad_artifacts(artifact: Path, root: Path) -> dict[str, tuple[Path, str]]:
     )
     other_width = narrower.save(root / "other-width.safetensors")
     tensors = load_file(artifact)
-    with open(artifact, "rb") as handle:
-        from safetensors import safe_open
-
-        with safe_open(str(artifact), framework="pt") as st:
-            metadata = st.metadata()
+    with safe_open(str(artifact), framework="pt") as handle:
+        metadata = handle.metadata()
     provenance = json.loads(metadata["provenance"])
     provenance["base_fingerprint"] = "0" * 64
     other_base = root / "other-base.safetensors"
@@ -200,8 +200,15 @@ def test_relax_refuses_a_merge_with_nan_or_inf(family, artifact, tmp_path, name,
     merged = _broken_merge(family, tmp_path, name, value)
     out = tmp_path / "out"
     result = invoke(
-        "relax", "--base", family.base, "--merged", merged, "--importance", artifact,
-        "-q", out,
+        "relax",
+        "--base",
+        family.base,
+        "--merged",
+        merged,
+        "--importance",
+        artifact,
+        "-q",
+        out,
     )
     one_error_line(result, f"tensor {name} of {merged}", "NaN or Inf")
     assert os.listdir(tmp_path) == ["merged"]
@@ -262,15 +269,27 @@ def test_model_directory_missing_shards(family, artifact, tiny_text_file, tmp_pa
     inputs.mkdir()
     merged = _missing_shard(Path(family.finetunes[0]), inputs)
     result = invoke(
-        "relax", "--base", family.base, "--merged", merged, "--importance", artifact,
-        "-q", tmp_path / "out",
+        "relax",
+        "--base",
+        family.base,
+        "--merged",
+        merged,
+        "--importance",
+        artifact,
+        "-q",
+        tmp_path / "out",
     )
-    one_error_line(result, f"{merged} is missing 1 of the 2 shards",
-                   "model-00002-of-00002.safetensors")
+    one_error_line(
+        result,
+        f"{merged} is missing 1 of the 2 shards",
+        "model-00002-of-00002.safetensors",
+    )
     base = _missing_shard(Path(family.base), inputs)
     result = invoke(*calibrate_args(base, tiny_text_file, tmp_path / "imp"))
     one_error_line(result, f"{base} is missing 1 of the 2 shards")
     assert sorted(os.listdir(tmp_path)) == ["inputs"]
-    assert torch.is_tensor(load_file(merged / "model-00001-of-00002.safetensors")[
-        sorted(load_file(merged / "model-00001-of-00002.safetensors"))[0]
-    ])
+    assert torch.is_tensor(
+        load_file(merged / "model-00001-of-00002.safetensors")[
+            sorted(load_file(merged / "model-00001-of-00002.safetensors"))[0]
+        ]
+    )

@@ -117,7 +117,9 @@ def test_space_is_checked_with_the_probe(tmp_path, monkeypatch):
 def test_disk_filling_up_while_writing_is_one_error(tmp_path):
     import errno
 
-    with pytest.raises(OutputError, match=r"no space left in .* while writing .*out \(No space"):
+    with pytest.raises(
+        OutputError, match=r"no space left in .* while writing .*out \(No space"
+    ):
         with staged_directory(tmp_path / "out") as stage:
             (stage / "part").write_text("x")
             raise OSError(errno.ENOSPC, "No space left on device")
