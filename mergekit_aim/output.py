@@ -166,15 +166,18 @@ def staged_file(target: str | os.PathLike, needed: int | None = None) -> Iterato
     check_target(target, directory=False)
     if needed is not None:
         check_space(target, needed)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(target)
     remove_stale(target)
     partial = partial_path(target)
     try:
         with no_space_as_error(target):
             yield partial
         os.replace(partial, target)
+        created = None
     finally:
         _remove(partial)
+        if created is not None:
+            _remove(created)
 
 
 @contextlib.contextmanager
@@ -193,15 +196,32 @@ def staged_directory(
     check_target(target, directory=True)
     if needed is not None:
         check_space(target, needed)
+    created = _make_parents(target)
     remove_stale(target)
     stage = partial_path(target)
-    stage.mkdir(parents=True)
+    stage.mkdir()
     try:
         with no_space_as_error(target):
             yield stage
         _commit(stage, target)
+        created = None
     finally:
         _remove(stage)
+        if created is not None:
+            _remove(created)
+
+
+def _make_parents(target: Path) -> Path | None:
+    """Create ``target``'s missing parents; return the topmost one created
+    (removed again if the write fails), or None."""
+    missing = nearest_existing(target.parent)
+    created = None
+    if missing != target.parent.absolute():
+        created = target.parent.absolute()
+        while created.parent != missing:
+            created = created.parent
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return created
 
 
 def _commit(stage: Path, target: Path) -> None:

@@ -54,10 +54,10 @@ def test_staged_file_leaves_nothing_on_failure(tmp_path, error):
 def test_staged_directory_new_and_existing(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
-        with staged_directory(out) as stage:
+        with staged_directory(tmp_path / "new" / "parents" / "out") as stage:
             (stage / "x").write_text("1")
             raise RuntimeError
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == []  # parents it created are gone too
     with staged_directory(out) as stage:
         (stage / "x").write_text("1")
     assert os.listdir(tmp_path) == ["out"] and (out / "x").read_text() == "1"
