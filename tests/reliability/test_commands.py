@@ -80,6 +80,36 @@ def test_calibrate_refuses_a_full_disk(family, tiny_text_file, tmp_path, monkeyp
     assert os.listdir(tmp_path) == []
 
 
+def test_tune_refuses_a_full_disk(family, artifact, tiny_text_file, tmp_path):
+    """Before the plain merge: about twice the base model must fit."""
+    import yaml
+
+    config = tmp_path / "merge.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": str(family.base),
+                "models": [{"model": str(family.finetunes[0])}],
+                "parameters": {"weight": 0.5},
+                "dtype": "float32",
+                "aim": {"importance": str(artifact)},
+            }
+        )
+    )
+    base_bytes = (Path(family.base) / "model.safetensors").stat().st_size
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(output, "free_bytes", lambda directory: base_bytes)
+        result = invoke(
+            "tune", config, "--eval", f"text={tiny_text_file}", "-q", tmp_path / "out"
+        )
+    line = one_error_line(result, "not enough space", f"{base_bytes:,} free")
+    assert int(line.split("needs ")[1].split(" ")[0].replace(",", "")) > 2 * (
+        base_bytes - 100_000
+    )
+    assert sorted(os.listdir(tmp_path)) == ["merge.yml"]
+
+
 def test_relax_disk_filling_up_midway(family, artifact, tmp_path, monkeypatch):
     """The probe said yes, then the disk filled: one line, nothing kept."""
     import errno
