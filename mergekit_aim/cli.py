@@ -191,8 +191,8 @@ def relax(
     """
     from mergekit_aim.errors import AimConfigError
     from mergekit_aim.kernels import omega_value
-    from mergekit_aim.offline import load_importance, relax_checkpoint
-    from mergekit_aim.output import check_target
+    from mergekit_aim.offline import load_importance, output_bytes, relax_checkpoint
+    from mergekit_aim.output import check_space, check_target
 
     _setup_logging(quiet, verbose)
     try:
@@ -200,6 +200,8 @@ def relax(
     except ValueError as error:
         raise AimConfigError(f"--omega: {error}") from None
     check_target(out, directory=True)
+    if Path(merged).is_dir():  # before calibrating; checked again before writing
+        check_space(out, output_bytes(merged))
     if importance is not None:
         imap = load_importance(importance)
         source = importance

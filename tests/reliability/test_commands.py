@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import invoke, leftovers, one_error_line, usage_error
+from fixtures.reliability import invoke, leftovers, one_error_line, usage_error
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 

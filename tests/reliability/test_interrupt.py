@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import calibrate_to, leftovers
+from fixtures.reliability import calibrate_to, leftovers
 
 from mergekit_aim.offline import load_importance, relax_checkpoint
 
