@@ -152,6 +152,7 @@ def read_checkpoint(path: str | Path) -> CheckpointIndex:
     path = os.path.abspath(str(path))
     if not os.path.isdir(path):
         raise AimConfigError(f"{path} is not a model directory")
+    check_shards(path)
     mtimes = tuple(
         sorted(
             (entry.name, entry.stat().st_mtime)
@@ -160,6 +161,55 @@ def read_checkpoint(path: str | Path) -> CheckpointIndex:
         )
     )
     return _read_index(path, mtimes)
+
+
+def check_shards(path: str) -> None:
+    """Refuse a model directory whose index names a shard that is not there
+    (an interrupted download or copy)."""
+    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = os.path.join(path, name)
+        if not os.path.exists(index):
+            continue
+        try:
+            with open(index, encoding="utf-8") as handle:
+                files = set(json.load(handle)["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError) as error:
+            raise AimConfigError(f"{index} is not a readable index: {error}") from None
+        missing = sorted(f for f in files if not os.path.isfile(os.path.join(path, f)))
+        if missing:
+            raise AimConfigError(
+                f"model directory {path} is missing {len(missing)} of the "
+                f"{len(files)} shards its {name} names: {', '.join(missing[:3])}"
+                f"{' …' if len(missing) > 3 else ''} (interrupted download or copy?)"
+            )
+
+
+_FLOAT_DTYPES = {
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+}
+
+
+def check_finite(name: str, values, source: str, dtype: str | None = None) -> None:
+    """Refuse a tensor holding NaN or Inf: ``values`` is a tensor, or a
+    tensor's raw bytes with its safetensors ``dtype`` (non-float dtypes pass).
+    ``source`` says where the tensor comes from."""
+    import torch
+
+    from mergekit_aim.errors import NonFiniteError
+
+    if dtype is not None:
+        if dtype not in _FLOAT_DTYPES or not values:
+            return
+        values = torch.frombuffer(
+            bytearray(values), dtype=getattr(torch, _FLOAT_DTYPES[dtype])
+        )
+    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        raise NonFiniteError(
+            f"tensor {name} of {source} holds NaN or Inf values; nothing was written"
+        )
 
 
 def forget_indexes() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -27,14 +28,25 @@ def _setup_logging(quiet: bool, verbose: int = 0) -> None:
 
 
 class _AimGroup(click.Group):
-    """Turn the package's own errors into one clear line and exit status 2."""
+    """Turn the package's own errors into one clear line and exit status 2,
+    and Ctrl-C or SIGTERM into one line and status 130 or 143, after the same
+    cleanup (see :mod:`mergekit_aim.output`)."""
 
     def invoke(self, ctx: click.Context):
+        from mergekit_aim.output import Terminated, terminate_as_interrupt
+
         try:
-            return super().invoke(ctx)
+            with terminate_as_interrupt():
+                return super().invoke(ctx)
         except AimError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(2)
+        except Terminated:
+            click.echo("error: terminated (SIGTERM)", err=True)
+            sys.exit(143)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=_AimGroup)
@@ -122,15 +134,13 @@ def _calibrate(base: str, quiet: bool, trust_remote_code: bool, **settings):
     """Run calibrate() with the calibration options (CalibrationConfig fields)."""
     from mergekit_aim.calibration import calibrate
     from mergekit_aim.calibration.settings import calibration_config
+    from mergekit_aim.console import quiet_transformers
 
     # calibration_config validates like CalibrationConfig(**settings), but
     # reports an invalid option as an AimError (one line, exit status 2).
-    return calibrate(
-        base,
-        calibration_config(**settings),
-        trust_remote_code=trust_remote_code,
-        quiet=quiet,
-    )
+    config = calibration_config(**settings)
+    with quiet_transformers() if quiet else contextlib.nullcontext():
+        return calibrate(base, config, trust_remote_code=trust_remote_code, quiet=quiet)
 
 
 @main.command()
@@ -142,8 +152,10 @@ def _calibrate(base: str, quiet: bool, trust_remote_code: bool, **settings):
 def calibrate(base: str, output: str, quiet: bool, verbose: int, **settings) -> None:
     """Measure BASE's input activations and write an importance artifact."""
     from mergekit_aim.calibration.distributed import ranks_from_env
+    from mergekit_aim.output import check_target
 
     _setup_logging(quiet, verbose)
+    check_target(output, directory=False)
     importance = _calibrate(base, quiet, **settings)
     if not ranks_from_env().is_main:
         return  # every rank holds the combined result; rank 0 writes it
@@ -179,13 +191,17 @@ def relax(
     """
     from mergekit_aim.errors import AimConfigError
     from mergekit_aim.kernels import omega_value
-    from mergekit_aim.offline import load_importance, relax_checkpoint
+    from mergekit_aim.offline import load_importance, output_bytes, relax_checkpoint
+    from mergekit_aim.output import check_space, check_target
 
     _setup_logging(quiet, verbose)
     try:
         omega = omega_value(omega)
     except ValueError as error:
         raise AimConfigError(f"--omega: {error}") from None
+    check_target(out, directory=True)
+    if Path(merged).is_dir():  # before calibrating; checked again before writing
+        check_space(out, output_bytes(merged))
     if importance is not None:
         imap = load_importance(importance)
         source = importance

@@ -38,3 +38,11 @@ class ShapeMismatchError(ImportanceError):
     """A merged tensor does not fit its base tensor or its statistic (shape,
     channel count, number of experts); the message names the tensor and what
     was expected. Raised only by :func:`mergekit_aim.relaxation.mismatch`."""
+
+
+class OutputError(AimError, RuntimeError):
+    """An output cannot be written there: not writable, or not enough space."""
+
+
+class NonFiniteError(AimError, ValueError):
+    """A model to be written holds NaN or Inf values."""

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -167,11 +166,16 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
     # --- file format -------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically: a reader sees the old file or the whole new one."""
-        from safetensors.torch import save_file
+        """Write atomically: a reader sees the old file or the whole new one.
+
+        The file is serialised first, so that a filesystem without room for
+        it is refused before anything is written (see :mod:`mergekit_aim.output`).
+        """
+        from safetensors.torch import save
+
+        from mergekit_aim.output import staged_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),
@@ -180,15 +184,9 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
             "input_axes": json.dumps(self._axes, sort_keys=True),
             "provenance": json.dumps(self.provenance, sort_keys=True, default=str),
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(dict(self._sums), tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        data = save(dict(self._sums), metadata=metadata)
+        with staged_file(path, len(data)) as partial:
+            partial.write_bytes(data)
         return path
 
     @classmethod
@@ -246,7 +244,9 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
                 raise ImportanceError(f"{path}: no token count or axis for {name}")
             if int(counts[name]) <= 0:
                 raise ImportanceError(f"{path}: token count of {name} is not positive")
-        provenance.setdefault("file", os.path.abspath(path))
+        # This file, even where the map was saved from one loaded elsewhere:
+        # refusals name the file the user gave.
+        provenance["file"] = os.path.abspath(path)
         provenance["file_sha256"] = file_sha256(path)
         return cls(sums, counts, axes, provenance, statistic=statistic)
 

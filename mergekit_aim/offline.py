@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +31,11 @@ from typing import Any
 import torch
 
 from mergekit_aim.card import relaxed_card
-from mergekit_aim.checkpoint import safetensors_header
+from mergekit_aim.checkpoint import check_finite, safetensors_header
 from mergekit_aim.config import PAPER_URL
 from mergekit_aim.errors import AimConfigError, ImportanceError
 from mergekit_aim.importance import ImportanceMap
+from mergekit_aim.output import check_target, staged_directory, staged_file
 from mergekit_aim.relaxation import (
     Coverage,
     Relaxation,
@@ -180,8 +180,41 @@ def relax_checkpoint(
     its card with an AIM section, and ``aim_relax.json`` (the report).
     """
     selection = Selection(omega, exclude)
+    check_target(out_dir, directory=True)
     pair = check_pair(base_dir, merged_dir, importance, out_dir, source=source)
-    coverage = write_relaxed(pair, importance, selection, out_dir)
+    with staged_directory(out_dir, output_bytes(pair.merged_dir)) as stage:
+        coverage = write_relaxed(pair, importance, selection, stage)
+        report = _write_report(pair, importance, selection, coverage, stage)
+    LOG.info(
+        "AIM relax: relaxed %d of %d tensors, %s (ω %s) into %s",
+        report["relaxed"],
+        report["tensors"],
+        elements_text(report["coverage"]),
+        json.dumps(report["omega"]),
+        out_dir,
+    )
+    return report
+
+
+def output_bytes(merged_dir: str | os.PathLike) -> int:
+    """What relaxing ``merged_dir`` writes: the same shards (same headers,
+    same sizes), its other files, and room for the card and the report."""
+    total = 1 << 20
+    for entry in os.scandir(merged_dir):
+        if entry.is_file():
+            total += entry.stat().st_size
+    return total
+
+
+def _write_report(
+    pair: CheckpointPair,
+    importance: ImportanceMap,
+    selection: Selection,
+    coverage: Coverage,
+    out_dir: Path,
+) -> dict[str, object]:
+    """Write the card and ``aim_relax.json`` into ``out_dir``; return the report."""
+    base_dir, merged_dir = pair.base_dir, pair.merged_dir
     summary = coverage.summary()
     report = {
         "omega": setting_json(selection.omega),
@@ -201,14 +234,6 @@ def relax_checkpoint(
     (out_dir / "README.md").write_text(relaxed_card(card, report), "utf-8")
     (out_dir / "aim_relax.json").write_text(
         json.dumps(report, indent=2, sort_keys=True, default=str), "utf-8"
-    )
-    LOG.info(
-        "AIM relax: relaxed %d of %d tensors, %s (ω %s) into %s",
-        summary["relaxed"],
-        summary["tensors"],
-        elements_text(summary),
-        json.dumps(report["omega"]),
-        out_dir,
     )
     return report
 
@@ -370,8 +395,11 @@ def write_relaxed(
             key=lambda k: header[k]["data_offsets"][0],
         )
         target = out_dir / os.path.basename(shard)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=out_dir)
-        with os.fdopen(fd, "wb") as out, open(shard, "rb") as raw:
+        with (
+            staged_file(target) as partial,
+            open(partial, "wb") as out,
+            open(shard, "rb") as raw,
+        ):
             out.write(raw.read(data_start))  # same header: same names, shapes, dtypes
             for name in names:
                 start, end = header[name]["data_offsets"]
@@ -379,16 +407,19 @@ def write_relaxed(
                 if decision.relaxed:
                     found = pair.statistics[name]
                     merged = tensor(shard, name)
+                    check_finite(name, merged, pair.merged_dir)
                     base = base_tensor(found, read_base, pair.model_type)
                     result = relaxation.relax(
                         name, base, merged, found.importance_key, decision.omega
                     )
+                    check_finite(name, result, f"relaxing toward {pair.base_dir}")
                     data = result.contiguous().reshape(-1).view(torch.uint8)
                     out.write(data.numpy().tobytes())
                 else:
                     raw.seek(data_start + start)
-                    out.write(raw.read(end - start))
-        os.replace(tmp, target)
+                    data = raw.read(end - start)
+                    check_finite(name, data, pair.merged_dir, header[name]["dtype"])
+                    out.write(data)
 
     for entry in os.scandir(pair.merged_dir):
         if entry.is_file() and not entry.name.endswith(".safetensors"):

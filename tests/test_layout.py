@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mergekit_aim"
 # unless listed in ALLOWED_SIDEWAYS.
 LAYERS = [
     {"errors", "cache_location", "console"},
-    {"kernels", "checkpoint", "names"},
+    {"kernels", "checkpoint", "names", "output"},
     {"importance"},
     {"selection", "calibration"},
     {"relaxation"},

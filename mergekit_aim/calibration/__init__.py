@@ -98,8 +98,9 @@ def calibrate(
     from mergekit_aim import __version__
     from mergekit_aim.calibration import forward
     from mergekit_aim.calibration.distributed import setup, shard
-    from mergekit_aim.calibration.loading import load_base_model
+    from mergekit_aim.calibration.loading import load_base_model, offload_directory
     from mergekit_aim.checkpoint import read_checkpoint, resolve_local_path
+    from mergekit_aim.output import remove_tree
 
     ranks, device = setup(config.device or FALLBACK_DEVICE)
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -127,22 +128,31 @@ def calibrate(
         blocks = calibration_blocks(
             config, tokenizer, trust_remote_code=trust_remote_code
         )
-    if model is None:
-        model = load_base_model(
-            path,
-            device=device,
-            dtype=config.dtype,
-            trust_remote_code=trust_remote_code,
-            max_memory=config.max_memory,
-            offload_dir=config.offload_dir,
+    # A capped run's offload directory is ours unless the user named one: it
+    # goes as soon as the forward pass ends, whatever ends it.
+    owned = None
+    if model is None and config.max_memory is not None and not config.offload_dir:
+        owned = offload_directory()
+    try:
+        if model is None:
+            model = load_base_model(
+                path,
+                device=device,
+                dtype=config.dtype,
+                trust_remote_code=trust_remote_code,
+                max_memory=config.max_memory,
+                offload_dir=str(owned) if owned else config.offload_dir,
+            )
+        importance = forward.collect_importance(
+            model,
+            shard(blocks.tokens, ranks),
+            config.batch_size,
+            checkpoint_names=None if checkpoint is None else set(checkpoint.tensors),
+            progress=not quiet and ranks.is_main,
         )
-    importance = forward.collect_importance(
-        model,
-        shard(blocks.tokens, ranks),
-        config.batch_size,
-        checkpoint_names=None if checkpoint is None else set(checkpoint.tensors),
-        progress=not quiet and ranks.is_main,
-    )
+    finally:
+        if owned is not None:
+            remove_tree(owned)
     importance.provenance.update(
         {
             "base_model": base_id,

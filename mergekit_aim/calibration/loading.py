@@ -10,6 +10,8 @@ that is :mod:`mergekit_aim.calibration.host_memory`.
 from __future__ import annotations
 
 import contextlib
+import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +24,7 @@ from mergekit_aim.calibration.settings import (
     CalibrationConfig,
 )
 from mergekit_aim.errors import CalibrationError
+from mergekit_aim.output import remove_tree, temporary_directory
 
 
 def resolve_dtype(dtype: str, device: str) -> Any:
@@ -64,8 +67,9 @@ def load_base_model(
     streamed weights stay within the cap. Weights kept "on disk" are read from
     the model's own safetensors files when it has them (nothing is copied);
     ``offload_dir`` holds only weights that must be rewritten (other formats,
-    converted weights). ``device="auto"`` lets accelerate spread the model over
-    all devices.
+    converted weights); without one, a temporary directory
+    (:func:`offload_directory`) is made and removed with the model.
+    ``device="auto"`` lets accelerate spread the model over all devices.
 
     Loading a capped model still reads every tensor once (transformers
     materializes the offloaded ones too, then drops them), through a memory
@@ -79,11 +83,14 @@ def load_base_model(
     peak is then about the cap plus the fixed cost of a run.
     """
     kwargs: dict[str, Any] = {}
+    owned = None
     if max_memory is not None:
         compute = "cpu" if device.startswith("cpu") else _device_index(device)
         kwargs["device_map"] = "auto"
         kwargs["max_memory"] = {compute: max_memory, "cpu": max_memory}
-        kwargs["offload_folder"] = offload_dir or _default_offload_dir()
+        if offload_dir is None:
+            owned = offload_directory()
+        kwargs["offload_folder"] = str(offload_dir or owned)
     else:
         kwargs["device_map"] = "auto" if device == "auto" else {"": device}
     if max_memory is not None:
@@ -104,11 +111,19 @@ def load_base_model(
                 trust_remote_code=trust_remote_code,
                 **kwargs,
             )
-    except Exception as error:
+    except BaseException as error:
+        if owned is not None:
+            remove_tree(owned)
+        if not isinstance(error, Exception):
+            raise
         raise CalibrationError(
             f"could not load base model {path} for calibration: "
             f"{type(error).__name__}: {error}"
         ) from error
+    if owned is not None:
+        # Removed with the model (or at exit); calibrate() passes its own
+        # directory and removes it as soon as the forward pass is done.
+        weakref.finalize(model, remove_tree, owned)
     if max_memory is not None:
         host_memory.trim_heap()
     return model
@@ -140,7 +155,10 @@ def _device_index(device: str) -> Any:
     return parsed.index if parsed.index is not None else 0
 
 
-def _default_offload_dir() -> str:
-    import tempfile
+OFFLOAD_PREFIX = "mergekit-aim-offload"
 
-    return tempfile.mkdtemp(prefix="mergekit-aim-offload-")
+
+def offload_directory() -> Path:
+    """A new temporary directory for offloaded weights; those a killed run
+    left behind are removed first (:func:`mergekit_aim.output.temporary_directory`)."""
+    return temporary_directory(OFFLOAD_PREFIX)

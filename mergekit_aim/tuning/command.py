@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,7 @@ from typing import Any
 
 from mergekit_aim.config import PAPER_URL
 from mergekit_aim.errors import AimConfigError
+from mergekit_aim.output import check_space, check_target, staged_directory
 from mergekit_aim.selection import Selection
 from mergekit_aim.tuning.evaluation import (
     check_dtype,
@@ -64,8 +66,9 @@ def tune(
     the block's source. Everything is checked before ``out`` is created; it
     must not exist or be empty. Writes to ``out``: the chosen model (a full
     checkpoint with config, tokenizer and a card naming ω), ``aim_tune.json``
-    and ``aim_tune.md``. The plain merge is made in a work directory under
-    ``out`` and removed at the end.
+    and ``aim_tune.md``. The plain merge is made in a work directory beside
+    ``out`` and removed at the end; a filesystem without room for it and the
+    chosen model (about twice the base model) is refused first.
     """
     grid = omega_grid(omegas, split_attention_mlp)
     check_eval_settings(seq_len, batch_size)
@@ -76,42 +79,66 @@ def tune(
     config_path = Path(config_path)
     raw, plain_config = _read_config(config_path)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    check_target(out, directory=True)
+    if out.exists() and any(out.iterdir()):
         raise AimConfigError(f"output directory {out} exists and is not empty")
     found, aim, options = _prepare_importance(
         config_path, raw, importance, device=device, quiet=quiet, seed=random_seed
     )
     exclude = list(aim.exclude)
 
-    created = not out.exists()
-    work = out / _WORK_DIR
     bars = _quiet_progress_bars() if quiet else contextlib.nullcontext()
-    try:
-        with bars:
-            # Named like ``out``: mergekit titles the model card after the directory.
-            plain = _plain_merge(plain_config, raw, work / out.resolve().name, options)
-            result = tune_merged(
-                found.checkpoint.path,
-                plain,
-                found.importance,
-                texts,
-                sorted({omega for pair in grid for omega in pair}),
-                split_attention_mlp=split_attention_mlp,
-                seq_len=seq_len,
-                batch_size=batch_size,
-                device=device,
-                dtype=dtype,
-                exclude=exclude,
-            )
-            relaxed = _write_chosen(found, plain, result.chosen.setting, out, exclude)
-            result.model_dir = out
-            _write_reports(out, plain, result, relaxed, found, config_path, evals)
-    except BaseException:
-        shutil.rmtree(out if created else work, ignore_errors=True)
-        raise
-    shutil.rmtree(work, ignore_errors=True)
+    # Everything, the plain merge included, is written in a directory beside
+    # ``out`` that becomes ``out`` only when complete (mergekit_aim.output).
+    needed = 2 * _model_bytes(found.checkpoint, plain_config.dtype)
+    with bars, staged_directory(out, needed) as stage:
+        work = stage / _WORK_DIR
+        # Named like ``out``: mergekit titles the model card after the directory.
+        plain = _plain_merge(plain_config, raw, work / out.resolve().name, options)
+        result = tune_merged(
+            found.checkpoint.path,
+            plain,
+            found.importance,
+            texts,
+            sorted({omega for pair in grid for omega in pair}),
+            split_attention_mlp=split_attention_mlp,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            exclude=exclude,
+        )
+        from mergekit_aim.offline import output_bytes
+
+        check_space(out, output_bytes(plain))
+        relaxed = _write_chosen(found, plain, result.chosen.setting, stage, exclude)
+        result.model_dir = out
+        _write_reports(stage, plain, result, relaxed, found, config_path, evals)
+        shutil.rmtree(work)
     LOG.info("tune: wrote %s (ω %s)", out, result.chosen.label())
     return result
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2}
+
+
+def _model_bytes(checkpoint: Any, dtype: str | None) -> int:
+    """About what a merge of ``checkpoint``'s shape takes on disk in
+    ``dtype`` (the config's; else each tensor's own), with room for its
+    config, tokenizer and card."""
+    import torch
+
+    size = torch.empty(0, dtype=getattr(torch, dtype)).element_size() if dtype else 0
+    total = sum(
+        math.prod(info.shape) * (size or _DTYPE_BYTES.get(info.dtype.upper(), 4))
+        for info in checkpoint.tensors.values()
+    )
+    others = sum(
+        entry.stat().st_size
+        for entry in os.scandir(checkpoint.path)
+        if entry.is_file() and not entry.name.endswith((".safetensors", ".bin"))
+    )
+    return total + others + (1 << 20)
 
 
 def _quiet_progress_bars() -> contextlib.AbstractContextManager:
