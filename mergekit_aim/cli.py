@@ -204,6 +204,78 @@ def relax(
         )
 
 
+def _omega_setting(text: str):
+    """``--omega`` of the adapter commands: any ``aim: {omega: ...}`` value
+    written as YAML/JSON (``0.4``, ``[0.2, 0.6]``, ``[{filter: mlp, value:
+    0.3}, {value: 0.5}]``); :class:`~mergekit_aim.selection.Selection` checks it."""
+    import yaml as yaml_lib
+
+    from mergekit_aim.errors import AimConfigError
+
+    try:
+        return yaml_lib.safe_load(text)
+    except yaml_lib.YAMLError as error:
+        raise AimConfigError(f"--omega {text!r}: not a YAML value ({error})") from None
+
+
+@main.command("relax-adapter")
+@click.option("--base", "base", required=True, help="base model directory")
+@click.option(
+    "--adapter",
+    required=True,
+    help="PEFT adapter directory (or one holding several named adapters)",
+)
+@click.option("--importance", required=True, help="artifact path or Hub repo")
+@click.option(
+    "--omega",
+    default="0.4",
+    show_default=True,
+    help="a scalar, a gradient list ([0.2, 0.6]) or a filtered list, as in aim:",
+)
+@click.option("--exclude", multiple=True, help="regex of tensor names to leave alone")
+@click.option("--quiet", "-q", is_flag=True)
+@click.option("--verbose", "-v", count=True)
+@click.argument("out", type=click.Path(file_okay=False))
+def relax_adapter(
+    base: str,
+    adapter: str,
+    importance: str,
+    omega: str,
+    exclude: tuple,
+    out: str,
+    quiet: bool,
+    verbose: int,
+) -> None:
+    """Apply AIM to a LoRA ADAPTER of BASE, writing a PEFT adapter to OUT.
+
+    lora_A's input columns are scaled by AIM's factor: the rank, config and
+    size stay, and the merged weights equal `relax` on the merged original.
+    """
+    from mergekit_aim.adapters import relax_adapter as run, require_peft
+    from mergekit_aim.offline import load_importance
+
+    _setup_logging(quiet, verbose)
+    require_peft()
+    reports = run(
+        base,
+        adapter,
+        load_importance(importance),
+        _omega_setting(omega),
+        out,
+        exclude=exclude,
+        source=importance,
+    )
+    if not quiet:
+        from mergekit_aim.relaxation import elements_text
+
+        for name, report in reports.items():
+            click.echo(
+                f"wrote {Path(out) / name}: relaxed {report['relaxed']} of "
+                f"{report['tensors']} adapted tensors; "
+                f"{elements_text(report['coverage'])}"
+            )
+
+
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option(
