@@ -115,7 +115,8 @@ def require_peft() -> None:
 def check_config(config: Mapping[str, Any], where: str, module: str) -> None:
     """Refuse an adapter config whose delta is not ``scaling · B A`` on the
     unchanged base; ``module`` (an adapted module) is named in the message."""
-    kind = str(config.get("peft_type", "")).upper()
+    kind = config.get("peft_type", "")
+    kind = str(getattr(kind, "value", kind)).upper()
     if kind != "LORA":
         raise AimConfigError(
             f"{where}: module {module}: adapter type {kind or 'unknown'!s} is "

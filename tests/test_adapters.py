@@ -95,7 +95,7 @@ def lora(base, family, names=("default",), seed=0, **options):
     from peft import LoraConfig, get_peft_model
 
     settings = dict(r=4, lora_alpha=8, init_lora_weights=False)
-    settings.update(target_modules=TARGETS[family], **options)
+    settings.update({"target_modules": TARGETS[family], **options})
     if family == "gpt2":
         settings["fan_in_fan_out"] = True
     torch.manual_seed(seed)
