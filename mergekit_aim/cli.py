@@ -251,7 +251,8 @@ def relax_adapter(
     lora_A's input columns are scaled by AIM's factor: the rank, config and
     size stay, and the merged weights equal `relax` on the merged original.
     """
-    from mergekit_aim.adapters import relax_adapter as run, require_peft
+    from mergekit_aim.adapters import relax_adapter as run
+    from mergekit_aim.adapters import require_peft
     from mergekit_aim.offline import load_importance
 
     _setup_logging(quiet, verbose)
