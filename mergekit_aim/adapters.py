@@ -143,7 +143,7 @@ class Plan:
     the factor of every ``lora_A`` (or per-expert factors, by row block) and
     the ω of every relaxed copy."""
 
-    factors: dict[str, torch.Tensor | list[tuple[int, torch.Tensor]]] = field(
+    factors: dict[str, torch.Tensor | list[tuple[slice, torch.Tensor]]] = field(
         default_factory=dict
     )
     copies: dict[str, tuple[str, Any, float]] = field(default_factory=dict)
@@ -282,7 +282,7 @@ def _factors(
     statistic: Statistic,
     importance: ImportanceMap,
     omega: float,
-) -> torch.Tensor | list[tuple[int, torch.Tensor]]:
+) -> torch.Tensor | list[tuple[slice, torch.Tensor]]:
     """The core's factor for one ``lora_A``: a vector over its columns, or
     for a stack of experts one per expert with a statistic, by row block."""
     columns = tensor.shape[-1]
@@ -295,8 +295,12 @@ def _factors(
             f"lora_A has shape {tuple(tensor.shape)} for a stack of {experts} experts",
             f"[{experts}·r, in]",
         )
+    rows = tensor.shape[0] // experts
     return [
-        (e, input_factor(f"{key}[{e}]", importance, member, omega, columns))
+        (
+            slice(e * rows, (e + 1) * rows),
+            input_factor(f"{key}[{e}]", importance, member, omega, columns),
+        )
         for e, member in enumerate(statistic.experts)
         if member is not None
     ]
@@ -307,12 +311,17 @@ def apply(
     decided: Plan,
     base: Base,
     relaxation: Relaxation,
+    *,
+    in_place: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The relaxed adapter: every tensor of ``tensors``, those the plan names
-    relaxed (new tensors in their own dtype; inputs are not modified)."""
+    relaxed, in their own dtype. Inputs are not modified unless ``in_place``
+    (the caller owns them, as tensors just read from a file): then each
+    ``lora_A`` is scaled where it lies."""
     result = dict(tensors)
     for key, factor in decided.factors.items():
-        result[key] = scaled_columns(tensors[key], factor)
+        out = tensors[key] if in_place else None
+        result[key] = scaled_columns(tensors[key], factor, out=out)
     for key, (name, stat_key, omega) in decided.copies.items():
         result[key] = relaxation.relax(
             key, base.value(name), tensors[key], stat_key, omega
@@ -321,19 +330,25 @@ def apply(
 
 
 def scaled_columns(
-    tensor: torch.Tensor, factor: torch.Tensor | list[tuple[int, torch.Tensor]]
+    tensor: torch.Tensor,
+    factor: torch.Tensor | list[tuple[slice, torch.Tensor]],
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``A diag(f)`` in float32, cast back to ``A``'s dtype; for a stack of
-    experts, each expert's block of rows by its own factor."""
-    work = tensor.to(torch.float32, copy=True)
+    """``A diag(f)`` in float32, rounded once to ``A``'s dtype; for a stack
+    of experts, each expert's block of rows (a slice) by its own factor (rows
+    of an expert without a statistic are copied)."""
+    result = torch.empty_like(tensor) if out is None else out
+    # The float32 factor promotes the product to float32; writing into
+    # ``result`` rounds it to A's dtype in the same pass.
     if isinstance(factor, torch.Tensor):
-        work.mul_(factor.to(work.device))
-    else:
-        rows = work.shape[0] // max(1 + max((e for e, _ in factor), default=0), 1)
-        for expert, vector in factor:
-            block = work[expert * rows : (expert + 1) * rows]
-            block.mul_(vector.to(work.device))
-    return work.to(tensor.dtype)
+        torch.mul(tensor, factor.to(tensor.device), out=result)
+        return result
+    if result is not tensor:
+        result.copy_(tensor)
+    for rows, vector in factor:
+        torch.mul(tensor[rows], vector.to(tensor.device), out=result[rows])
+    return result
 
 
 # --- adapters on disk --------------------------------------------------------------
@@ -503,7 +518,7 @@ def relax_adapter(
         config, tensors, metadata = read_adapter(directory)
         relaxation = Relaxation(selection, importance)
         decided = plan(tensors, config, found, relaxation, where)
-        relaxed = apply(tensors, decided, found, relaxation)
+        relaxed = apply(tensors, decided, found, relaxation, in_place=True)
         report = _report(selection, relaxation.coverage, base, directory, importance)
         results.append((directory.relative_to(adapter), relaxed, metadata, report))
         for gap in relaxation.coverage.gaps():

@@ -277,6 +277,64 @@ def relax_adapter(
             )
 
 
+@main.command("tune-adapter")
+@click.option("--base", "base", required=True, help="base model directory")
+@click.option("--adapter", required=True, help="PEFT LoRA adapter directory")
+@click.option("--importance", required=True, help="artifact path or Hub repo")
+@click.option(
+    "--eval",
+    "evals",
+    multiple=True,
+    required=True,
+    metavar="NAME=FILE",
+    help="held-out eval set (repeatable), as for tune",
+)
+@click.option("--omega", "omegas", default="0,0.2,0.4,0.6,0.8,1.0", show_default=True)
+@click.option("--split-attention-mlp", is_flag=True)
+@click.option("--exclude", multiple=True, help="regex of tensor names to leave alone")
+@click.option("--device", default="cpu", show_default=True)
+@click.option(
+    "--dtype", default="auto", show_default=True, type=click.Choice(CALIBRATION_DTYPES)
+)
+@click.option("--seq-len", default=512, show_default=True, type=int)
+@click.option("--batch-size", default=4, show_default=True, type=int)
+@click.option("--quiet", "-q", is_flag=True)
+@click.option("--verbose", "-v", count=True)
+@click.argument("out", type=click.Path(file_okay=False))
+def tune_adapter(
+    base: str,
+    adapter: str,
+    importance: str,
+    evals: tuple[str, ...],
+    omegas: str,
+    out: str,
+    quiet: bool,
+    verbose: int,
+    **settings,
+) -> None:
+    """Pick ω for a LoRA ADAPTER of BASE as `tune` does; write it relaxed to OUT."""
+    from mergekit_aim.adapters import require_peft
+    from mergekit_aim.offline import load_importance
+    from mergekit_aim.tuning import parse_omegas
+    from mergekit_aim.tuning.adapter import tune_adapter as run
+    from mergekit_aim.tuning.evaluation import parse_eval_spec
+
+    _setup_logging(quiet, verbose)
+    require_peft()
+    files = dict(parse_eval_spec(spec) for spec in evals)
+    result = run(
+        base,
+        adapter,
+        load_importance(importance),
+        files,
+        out,
+        omegas=parse_omegas(omegas),
+        **settings,
+    )
+    click.echo(result.to_markdown())
+    click.echo(f"wrote {out} (ω {result.chosen.label()})")
+
+
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option(

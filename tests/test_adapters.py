@@ -436,3 +436,23 @@ def test_without_peft_the_extra_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(AimConfigError, match=r"pip install 'mergekit-aim\[peft\]'"):
         require_peft()
+
+
+def test_tune_adapter_writes_the_pick_relaxed(tiny, plain_adapter, tiny_text, tmp_path):
+    from mergekit_aim.tuning.adapter import tune_adapter
+
+    base, imap = tiny("llama")
+    evals = tmp_path / "eval.txt"
+    evals.write_text("\n\n".join(tiny_text[:40]))
+    out = tmp_path / "tuned"
+    result = tune_adapter(
+        base, plain_adapter, imap, {"held": evals}, out, omegas=[0.0, 0.5], seq_len=32
+    )
+    assert [row.omega for row in result.rows] == [0.0, 0.5, 1.0]
+    assert not (out / ".aim-tune-work").exists()
+    report = json.loads((out / "aim_tune.json").read_text())
+    assert report["chosen"]["omega_attention"] == result.chosen.omega
+    relax_adapter(base, plain_adapter, imap, result.chosen.omega, tmp_path / "again")
+    again = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    got = load_file(out / "adapter_model.safetensors")
+    assert all(torch.equal(got[k], v) for k, v in again.items())
