@@ -220,6 +220,137 @@ def relax(
         )
 
 
+def _omega_setting(text: str):
+    """``--omega`` of the adapter commands: any ``aim: {omega: ...}`` value
+    written as YAML/JSON (``0.4``, ``[0.2, 0.6]``, ``[{filter: mlp, value:
+    0.3}, {value: 0.5}]``); :class:`~mergekit_aim.selection.Selection` checks it."""
+    import yaml as yaml_lib
+
+    from mergekit_aim.errors import AimConfigError
+
+    try:
+        return yaml_lib.safe_load(text)
+    except yaml_lib.YAMLError as error:
+        raise AimConfigError(f"--omega {text!r}: not a YAML value ({error})") from None
+
+
+@main.command("relax-adapter")
+@click.option("--base", "base", required=True, help="base model directory")
+@click.option(
+    "--adapter",
+    required=True,
+    help="PEFT adapter directory (or one holding several named adapters)",
+)
+@click.option("--importance", required=True, help="artifact path or Hub repo")
+@click.option(
+    "--omega",
+    default="0.4",
+    show_default=True,
+    help="a scalar, a gradient list ([0.2, 0.6]) or a filtered list, as in aim:",
+)
+@click.option("--exclude", multiple=True, help="regex of tensor names to leave alone")
+@click.option("--quiet", "-q", is_flag=True)
+@click.option("--verbose", "-v", count=True)
+@click.argument("out", type=click.Path(file_okay=False))
+def relax_adapter(
+    base: str,
+    adapter: str,
+    importance: str,
+    omega: str,
+    exclude: tuple,
+    out: str,
+    quiet: bool,
+    verbose: int,
+) -> None:
+    """Apply AIM to a LoRA ADAPTER of BASE, writing a PEFT adapter to OUT.
+
+    lora_A's input columns are scaled by AIM's factor: the rank, config and
+    size stay, and the merged weights equal `relax` on the merged original.
+    """
+    from mergekit_aim.adapters import relax_adapter as run
+    from mergekit_aim.adapters import require_peft
+    from mergekit_aim.offline import load_importance
+
+    _setup_logging(quiet, verbose)
+    require_peft()
+    reports = run(
+        base,
+        adapter,
+        load_importance(importance),
+        _omega_setting(omega),
+        out,
+        exclude=exclude,
+        source=importance,
+    )
+    if not quiet:
+        from mergekit_aim.relaxation import elements_text
+
+        for name, report in reports.items():
+            click.echo(
+                f"wrote {Path(out) / name}: relaxed {report['relaxed']} of "
+                f"{report['tensors']} adapted tensors; "
+                f"{elements_text(report['coverage'])}"
+            )
+
+
+@main.command("tune-adapter")
+@click.option("--base", "base", required=True, help="base model directory")
+@click.option("--adapter", required=True, help="PEFT LoRA adapter directory")
+@click.option("--importance", required=True, help="artifact path or Hub repo")
+@click.option(
+    "--eval",
+    "evals",
+    multiple=True,
+    required=True,
+    metavar="NAME=FILE",
+    help="held-out eval set (repeatable), as for tune",
+)
+@click.option("--omega", "omegas", default="0,0.2,0.4,0.6,0.8,1.0", show_default=True)
+@click.option("--split-attention-mlp", is_flag=True)
+@click.option("--exclude", multiple=True, help="regex of tensor names to leave alone")
+@click.option("--device", default="cpu", show_default=True)
+@click.option(
+    "--dtype", default="auto", show_default=True, type=click.Choice(CALIBRATION_DTYPES)
+)
+@click.option("--seq-len", default=512, show_default=True, type=int)
+@click.option("--batch-size", default=4, show_default=True, type=int)
+@click.option("--quiet", "-q", is_flag=True)
+@click.option("--verbose", "-v", count=True)
+@click.argument("out", type=click.Path(file_okay=False))
+def tune_adapter(
+    base: str,
+    adapter: str,
+    importance: str,
+    evals: tuple[str, ...],
+    omegas: str,
+    out: str,
+    quiet: bool,
+    verbose: int,
+    **settings,
+) -> None:
+    """Pick ω for a LoRA ADAPTER of BASE as `tune` does; write it relaxed to OUT."""
+    from mergekit_aim.adapters import require_peft
+    from mergekit_aim.offline import load_importance
+    from mergekit_aim.tuning import parse_omegas
+    from mergekit_aim.tuning.adapter import tune_adapter as run
+    from mergekit_aim.tuning.evaluation import parse_eval_spec
+
+    _setup_logging(quiet, verbose)
+    require_peft()
+    files = dict(parse_eval_spec(spec) for spec in evals)
+    result = run(
+        base,
+        adapter,
+        load_importance(importance),
+        files,
+        out,
+        omegas=parse_omegas(omegas),
+        **settings,
+    )
+    click.echo(result.to_markdown())
+    click.echo(f"wrote {out} (ω {result.chosen.label()})")
+
+
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option(

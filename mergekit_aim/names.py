@@ -202,3 +202,100 @@ def model_class_for(config: Any) -> Any | None:
         if found is not None:
             return found
     return None
+
+
+# --- PEFT adapter keys ---------------------------------------------------------
+
+PEFT_PREFIX = "base_model.model."
+_PEFT_WRAPPER = "base_layer"
+_TOKEN_ADAPTER = "token_adapter"
+
+
+@dataclass(frozen=True)
+class PeftTensor:
+    """What one tensor of a PEFT adapter is, in the base model's names.
+
+    ``module`` is the adapted module as the model names it
+    (``model.layers.0.self_attn.q_proj``); ``part`` the adapter tensor's kind:
+    ``lora_A``/``lora_B`` (and ``lora_embedding_A``/``_B``, or any other
+    ``lora_*`` tensor a variant adds, such as DoRA's
+    ``lora_magnitude_vector``), or ``"copy"`` for a full copy of a base tensor
+    (``modules_to_save``, a saved embedding layer). ``parameter`` is the base
+    model parameter the tensor concerns: the adapted ``module.weight`` for a
+    LoRA tensor, the copied parameter for a copy. ``depth`` counts the
+    ``base_layer`` wrappers between ``module`` and the LoRA tensor: PEFT nests
+    one wrapper per targeted parameter of a module (``target_parameters``), so
+    the depth says which of them the tensor adapts. ``tensor`` is the last
+    name component (``weight``, ``bias``, or the part itself for a bare
+    parameter).
+    """
+
+    key: str
+    module: str
+    part: str
+    parameter: str
+    depth: int = 0
+    tensor: str = "weight"
+
+    @property
+    def is_lora(self) -> bool:
+        return self.part.startswith("lora_")
+
+
+def peft_tensor(key: str, adapter: str | None = None) -> PeftTensor:
+    """Parse an adapter tensor's key: one in ``adapter_model.safetensors``
+    (``base_model.model.<module>.lora_A.weight``) or, given ``adapter``, one
+    of a loaded ``PeftModel``'s state dict (``….lora_A.<adapter>.weight``,
+    ``….modules_to_save.<adapter>.weight``)."""
+    name = key.removeprefix(PEFT_PREFIX)
+    parts = name.split(".")
+    if adapter is not None:
+        parts = [p for i, p in enumerate(parts) if not _adapter_slot(parts, i, adapter)]
+    if _TOKEN_ADAPTER in parts:
+        at = parts.index(_TOKEN_ADAPTER)
+        module = ".".join(parts[:at])
+        return PeftTensor(
+            key, module, "trainable_tokens", f"{module}.weight", 0, parts[-1]
+        )
+    lora = next((i for i, p in enumerate(parts) if p.startswith("lora_")), None)
+    if lora is None:
+        if "modules_to_save" in parts:
+            parts.remove("modules_to_save")
+        kept = [p for p in parts if p not in (_PEFT_WRAPPER, "original_module")]
+        return PeftTensor(key, ".".join(kept[:-1]), "copy", ".".join(kept), 0, kept[-1])
+    wrapped = parts[:lora]
+    depth = 0
+    while wrapped and wrapped[-1] == _PEFT_WRAPPER:
+        wrapped.pop()
+        depth += 1
+    module = ".".join(wrapped)
+    tail = parts[lora + 1 :]
+    return PeftTensor(
+        key,
+        module,
+        parts[lora],
+        f"{module}.weight",
+        depth,
+        tail[-1] if tail else parts[lora],
+    )
+
+
+def _adapter_slot(parts: list[str], index: int, adapter: str) -> bool:
+    """Whether ``parts[index]`` is the adapter-name level of a loaded model's key."""
+    if parts[index] != adapter or index == 0:
+        return False
+    previous = parts[index - 1]
+    return previous.startswith("lora_") or previous == "modules_to_save"
+
+
+def peft_model_key(key: str, adapter: str) -> str:
+    """The loaded ``PeftModel`` parameter behind an adapter file's ``key``:
+    the adapter's name inserted after the ``lora_*`` level (LoRA tensors), or
+    as ``modules_to_save.<adapter>`` before the tensor's name (copies)."""
+    parts = key.removeprefix(PEFT_PREFIX).split(".")
+    lora = next((i for i, p in enumerate(parts) if p.startswith("lora_")), None)
+    if lora is not None:
+        parts.insert(lora + 1, adapter)
+    else:
+        parts[-1:] = ["modules_to_save", adapter, parts[-1]]
+    return PEFT_PREFIX + ".".join(parts)

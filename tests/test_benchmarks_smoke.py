@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import calibration, common, gpu_check, memory, merge_overhead
+from benchmarks import adapters, calibration, common, gpu_check, memory, merge_overhead
 from mergekit_aim.demo.models import BOS_ID
 
 TINY = common.LlamaShape(64, 128, 2, 4, 2, 256)
@@ -56,6 +56,13 @@ def test_merge_overhead_end_to_end(tmp_path, monkeypatch):
     assert row["artifact_loads_per_aim_merge"] == 1
     assert row["aim_own_s"]["relax"] > 0
     json.dumps(row)
+
+
+def test_adapters_benchmark_quick(tmp_path):
+    assert adapters.main(["--quick", "--repeat", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "adapters-quick.json").read_text())
+    assert result["adapter_tensors"] == 2 * 2 * 7 and result["ratio_wall"] > 0
+    assert "Machine:" in (tmp_path / "adapters-quick.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """The package's shape: imports run one way, and the public API is unambiguous.
 
 Imports run from the command line down to the artifact and the kernels:
-cli → demo → tuning → plugin → planning/offline → card/method → config →
+cli → demo → tuning → plugin → planning/offline/adapters → card/method → config →
 relaxation (the one relaxation core) → selection and calibration → importance
 → kernels, checkpoint, names → errors.
 A module may import its own component or any component on a lower layer,
@@ -28,7 +28,7 @@ LAYERS = [
     {"relaxation"},
     {"config"},
     {"card", "method"},
-    {"planning", "offline"},
+    {"planning", "offline", "adapters"},
     {"plugin"},
     {"tuning"},
     {"demo"},
