@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -526,25 +525,35 @@ def relax_adapter(
 
     from safetensors.torch import save_file
 
-    for relative, relaxed, metadata, report in results:
-        target = out / relative
-        target.mkdir(parents=True, exist_ok=True)
-        source_dir = adapter / relative
-        for entry in source_dir.iterdir():
-            if entry.is_file() and entry.name not in (WEIGHTS_FILE, REPORT_FILE):
-                shutil.copy2(entry, target / entry.name)
-        fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_FILE}.", dir=target)
-        os.close(fd)
-        save_file(
-            {k: v.contiguous() for k, v in relaxed.items()}, tmp, metadata=metadata
-        )
-        os.replace(tmp, target / WEIGHTS_FILE)
-        (target / REPORT_FILE).write_text(
-            json.dumps(report, indent=2, sort_keys=True, default=str), "utf-8"
-        )
+    from mergekit_aim.output import staged_directory
+
+    # The output is the adapter's size (same tensors, same dtypes) plus reports.
+    needed = sum(
+        entry.stat().st_size
+        for relative, *_ in results
+        for entry in (adapter / relative).iterdir()
+        if entry.is_file()
+    )
+    with staged_directory(out, needed + 2**20) as stage:
+        for relative, relaxed, metadata, report in results:
+            target = stage / relative
+            target.mkdir(parents=True, exist_ok=True)
+            source_dir = adapter / relative
+            for entry in source_dir.iterdir():
+                if entry.is_file() and entry.name not in (WEIGHTS_FILE, REPORT_FILE):
+                    shutil.copy2(entry, target / entry.name)
+            save_file(
+                {k: v.contiguous() for k, v in relaxed.items()},
+                str(target / WEIGHTS_FILE),
+                metadata=metadata,
+            )
+            (target / REPORT_FILE).write_text(
+                json.dumps(report, indent=2, sort_keys=True, default=str), "utf-8"
+            )
+    for relative, _, _, report in results:
         LOG.info(
             "AIM relax-adapter: %s: %d lora_A and copies relaxed, %s",
-            target,
+            out / relative,
             report["relaxed"],
             elements_text(report["coverage"]),
         )
