@@ -323,13 +323,69 @@ def demo(out: str, quick: bool, seed: int) -> None:
 
 
 @main.command()
-@click.argument("artifact")
-@click.option("--tensors", is_flag=True, help="list every tensor with its token count")
-def inspect(artifact: str, tensors: bool) -> None:
-    """Print an importance artifact's provenance and coverage as JSON."""
+@click.argument("artifacts", nargs=-1, required=True, metavar="ARTIFACT [ARTIFACT]")
+@click.option(
+    "--model",
+    default=None,
+    help="a model directory (or Hub id): report which of its weights the "
+    "artifact covers, as a merge would",
+)
+@click.option(
+    "--tensors", is_flag=True, help="add one line per tensor to the layer summary"
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="machine-readable output instead (one artifact: its summary and "
+    "provenance; two: the per-tensor comparison)",
+)
+def inspect(
+    artifacts: tuple[str, ...], model: str | None, tensors: bool, as_json: bool
+) -> None:
+    """Summarise an importance artifact, or compare two of one model.
+
+    With one ARTIFACT: its provenance (model, dataset, dtype, when), a
+    per-layer summary (tokens seen, mean s = a / max(a), max/median of the
+    channel statistic a, outlier channels) and a verdict on what AIM will do
+    with it. An outlier channel is one whose a is more than 8x its tensor's
+    median; a tensor is flat when max/median is below 3 (AIM then scales its
+    merge delta almost uniformly). With --model, which of the model's weights
+    the artifact covers.
+
+    With two ARTIFACTs of the same model: per-tensor Spearman rank
+    correlation and top-1% channel overlap of s, per layer, to see whether
+    another calibration set changes anything. Artifacts of different models
+    are refused.
+    """
+    from mergekit_aim import inspection
+    from mergekit_aim.errors import AimConfigError
     from mergekit_aim.offline import load_importance
 
-    imap = load_importance(artifact)
+    if len(artifacts) > 2:
+        raise AimConfigError(
+            f"inspect takes one artifact, or two to compare; got {len(artifacts)}"
+        )
+    maps = [load_importance(spec) for spec in artifacts]
+    if len(maps) == 2:
+        if model is not None or tensors:
+            raise AimConfigError(
+                "--model and --tensors apply to one artifact, not a comparison"
+            )
+        comparison = inspection.compare(*maps)
+        if as_json:
+            click.echo(json.dumps(comparison.to_json(), indent=2, sort_keys=True))
+        else:
+            click.echo(comparison.text())
+        return
+    imap = maps[0]
+    coverage = inspection.model_coverage(imap, model) if model else None
+    if not as_json:
+        click.echo(inspection.describe(imap, tensors=tensors))
+        if coverage is not None:
+            click.echo("")
+            click.echo(coverage.text())
+        return
     summary = imap.summary()
     if tensors:
         summary["tensor_list"] = {
@@ -340,6 +396,8 @@ def inspect(artifact: str, tensors: bool) -> None:
             }
             for name in imap
         }
+    if coverage is not None:
+        summary["coverage"] = coverage.to_json()
     click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
 
 

@@ -1,8 +1,8 @@
 """The package's shape: imports run one way, and the public API is unambiguous.
 
 Imports run from the command line down to the artifact and the kernels:
-cli → demo → tuning → mergekit integration (plugin, planning, method, offline,
-card, config) → selection and calibration → importance, checkpoint, kernels.
+cli → demo → tuning, inspection → mergekit integration (plugin, planning, method,
+offline, card, config) → selection and calibration → importance, checkpoint, kernels.
 A module may import its own component or any component on a lower layer,
 never one above it; function-level imports count too (they are still arrows).
 """
@@ -28,7 +28,7 @@ LAYERS = [
     {"card", "method"},
     {"planning", "offline"},
     {"plugin"},
-    {"tuning"},
+    {"tuning", "inspection"},
     {"demo"},
     {"cli"},
     {"__main__"},
