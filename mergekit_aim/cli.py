@@ -312,14 +312,38 @@ def yaml(ctx: click.Context) -> None:
 
 @main.command()
 @click.option("--out", default="demo-out", show_default=True, type=click.Path())
-@click.option("--quick", is_flag=True, help="smaller models and fewer steps")
+@click.option(
+    "--toy",
+    is_flag=True,
+    help="tiny models built on the spot instead of SmolLM2-135M (about a minute)",
+)
+@click.option("--quick", is_flag=True, help="with --toy: smaller models, fewer steps")
+@click.option(
+    "--base",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="the SmolLM2-135M checkpoint (default: $MERGEKIT_AIM_REAL_MODELS/"
+    "smollm2-135m or .real-models/smollm2-135m, as `make real-models` writes it)",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
-def demo(out: str, quick: bool, seed: int) -> None:
-    """Build tiny models, merge with TIES with and without AIM, compare (offline)."""
-    from mergekit_aim.demo import main as run_demo_cli
+def demo(out: str, toy: bool, quick: bool, base: str | None, seed: int) -> None:
+    """Fine-tune two experts, merge them with TIES with and without AIM, compare.
 
+    By default on SmolLM2-135M (provisioned offline by `make real-models`):
+    a code and a math expert are fine-tuned on the CPU (cached for later
+    runs), the base is calibrated (cached), the experts are merged through
+    mergekit twice, and every model's held-out loss on code, math and general
+    text is printed in one table. --toy does the same with tiny models.
+    """
+    from mergekit_aim.demo import main as run_demo_cli
+    from mergekit_aim.errors import AimConfigError
+
+    if quick and not toy:
+        raise AimConfigError("--quick applies to the toy demo: add --toy")
+    if base is not None and toy:
+        raise AimConfigError("--base applies to the real-model demo, not --toy")
     _setup_logging(False)
-    run_demo_cli(Path(out), quick=quick, seed=seed)
+    run_demo_cli(Path(out), toy=toy, quick=quick, seed=seed, base=base)
 
 
 @main.command()
