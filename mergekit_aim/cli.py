@@ -384,13 +384,12 @@ def inspect(
     """
     from mergekit_aim import inspection
     from mergekit_aim.errors import AimConfigError
-    from mergekit_aim.offline import load_importance
 
     if len(artifacts) > 2:
         raise AimConfigError(
             f"inspect takes one artifact, or two to compare; got {len(artifacts)}"
         )
-    maps = [load_importance(spec) for spec in artifacts]
+    maps = [inspection.load_artifact(spec) for spec in artifacts]
     if len(maps) == 2:
         if model is not None or tensors:
             raise AimConfigError(

@@ -64,6 +64,17 @@ _LAYER = re.compile(r"\.(\d+)\.")
 OTHER = "other"
 
 
+def load_artifact(spec: str) -> ImportanceMap:
+    """Load an artifact (path or Hub spec) and name it by where it was read
+    from (a copy saved from a loaded map still records its original file)."""
+    from mergekit_aim.importance import resolve_artifact
+
+    path = resolve_artifact(spec)
+    imap = ImportanceMap.load(path)
+    imap.provenance["file"] = os.path.abspath(path)
+    return imap
+
+
 def layer_of(name: str) -> int | None:
     """The layer index in a tensor name, or ``None`` outside the layers."""
     match = _LAYER.search(name)
