@@ -182,3 +182,13 @@ def test_compare_refuses_artifacts_of_different_models():
         inspection.compare(first, second)
     assert "/artifacts/a.safetensors" in str(error.value)
     assert "/artifacts/b.safetensors" in str(error.value)
+
+
+def test_help_states_the_definitions_in_use():
+    from click.testing import CliRunner
+
+    from mergekit_aim.cli import main
+
+    text = " ".join(CliRunner().invoke(main, ["inspect", "--help"]).output.split())
+    assert f"more than {inspection.OUTLIER_FACTOR:g}x its tensor's median" in text
+    assert f"max/median is below {inspection.FLAT_RATIO:g}" in text
