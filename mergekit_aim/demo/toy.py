@@ -35,6 +35,7 @@ from mergekit_aim.demo.common import (
     TIES_AIM,
     DemoResult,
     merge_config,
+    score_table,
     torch_threads,
 )
 
@@ -218,7 +219,7 @@ def run_demo(
                 (configs_dir / f"{name}.yml").write_text(text)
                 paths[row] = run_yaml_merge(text, models_dir / name)
 
-        table: dict[str, dict[str, float]] = {}
+        scored: dict[str, dict[str, float]] = {}
         with watch("evaluation"):
             for row in ROWS:
                 model = AutoModelForCausalLM.from_pretrained(
@@ -230,15 +231,12 @@ def run_demo(
                     )
                     for d in DOMAINS
                 }
-                scores["mean"] = sum(scores.values()) / len(DOMAINS)
-                table[row] = scores
+                scored[row] = scores
                 LOG.info(
                     "demo: %s %s", row, {k: round(v, 4) for k, v in scores.items()}
                 )
 
-    change = {
-        c: (table[TIES_AIM][c] - table[TIES][c]) / table[TIES][c] for c in table[TIES]
-    }
+    table, change = score_table(scored, DOMAINS)
     if not all(math.isfinite(v) for row in table.values() for v in row.values()):
         LOG.warning("demo: some held-out losses are not finite")
     result = DemoResult(
