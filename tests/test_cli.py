@@ -82,7 +82,7 @@ def test_calibrate_bos_per_block(artifact, tiny_family, tiny_text_file, tmp_path
         "--bos-per-block",
         "false",
     )
-    summary = json.loads(run("inspect", out).stdout)
+    summary = json.loads(run("inspect", out, "--json").stdout)
     calibration = summary["provenance"]["calibration"]
     assert calibration["bos_per_block"] is False
     assert calibration["bos_per_block_resolved"] is False
@@ -110,10 +110,85 @@ def test_calibrate_refuses_a_bad_bos_per_block(tiny_family, tmp_path):
     assert "auto" in result.stderr and not out.exists()
 
 
-def test_inspect_prints_json(artifact):
-    summary = json.loads(run("inspect", artifact, "--tensors").stdout)
+def test_inspect_json_is_the_machine_summary(artifact):
+    summary = json.loads(run("inspect", artifact, "--json", "--tensors").stdout)
+    assert set(summary) == {"tensors", "tokens", "provenance", "tensor_list"}
+    assert summary == json.loads(
+        json.dumps(ImportanceMap.load(artifact).summary(), default=str)
+    ) | {"tensor_list": summary["tensor_list"]}
     assert summary["tensors"] == len(summary["tensor_list"])
     assert summary["provenance"]["calibration"]["num_samples"] == 48
+
+
+def test_inspect_summarises_for_people(artifact, tiny_family):
+    text = run("inspect", artifact).stdout
+    imap = ImportanceMap.load(artifact)
+    for expected in (
+        f"model        {tiny_family('llama').base}",
+        "dataset      ",
+        "dtype        ",
+        "when         ",
+        f"tokens       {imap.count('lm_head.weight'):,} per tensor",
+        "mean s",
+        "max/median",
+        "outliers",
+        "verdict: statistic is",
+    ):
+        assert expected in text, expected
+    rows = [line.split()[0] for line in text.splitlines() if line[:1].isdigit()]
+    assert rows == ["0", "1"]  # the tiny Llama's two layers
+    assert "model.layers.0.mlp.down_proj.weight" not in text
+    assert (
+        "model.layers.0.mlp.down_proj.weight"
+        in run("inspect", artifact, "--tensors").stdout
+    )
+
+
+def test_inspect_model_coverage(artifact, tiny_family):
+    text = run("inspect", artifact, "--model", tiny_family("llama").base).stdout
+    assert "(100.0%)" in text and "every weight with an input is covered" in text
+    covered = json.loads(
+        run("inspect", artifact, "--json", "--model", tiny_family("llama").base).stdout
+    )["coverage"]
+    assert covered["mismatch"] is None
+    assert covered["summary"]["elements"] == covered["summary"]["elements_relaxed"]
+    other = run("inspect", artifact, "--model", tiny_family("qwen2").base).stdout
+    assert "does not match this model" in other
+
+
+def test_inspect_compares_two_artifacts(
+    artifact, tiny_family, tiny_text_file, tmp_path
+):
+    again = calibrate_tiny(
+        tiny_family("llama"), tiny_text_file, tmp_path / "b.safetensors", "--seed", 7
+    )
+    text = run("inspect", artifact, again).stdout
+    assert "rank corr" in text and "top-1% overlap" in text
+    assert str(again) in text and "verdict: " in text
+    result = json.loads(run("inspect", artifact, again, "--json").stdout)
+    assert set(result["tensors"]) == set(ImportanceMap.load(artifact))
+    same = json.loads(run("inspect", artifact, artifact, "--json").stdout)
+    assert all(
+        t["rank_correlation"] == pytest.approx(1) for t in same["tensors"].values()
+    )
+    assert all(t["top1_overlap"] == 1 for t in same["tensors"].values())
+
+
+def test_inspect_refuses_to_compare_different_models(artifact, tmp_path):
+    imap = ImportanceMap.load(artifact)
+    provenance = dict(imap.provenance, base_fingerprint="0" * 64)
+    other = ImportanceMap(
+        {n: imap[n] for n in imap},
+        {n: imap.count(n) for n in imap},
+        {n: imap.input_axis(n) for n in imap},
+        provenance,
+    ).save(tmp_path / "other.safetensors")
+    result = run("inspect", artifact, other, check=False)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "different models" in result.stderr
+    assert str(other) in result.stderr
+    three = run("inspect", artifact, artifact, artifact, check=False)
+    assert three.returncode == 2 and "one artifact, or two" in three.stderr
 
 
 def test_relax_equals_apply_aim(artifact, tiny_family, tmp_path):

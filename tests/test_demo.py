@@ -1,4 +1,4 @@
-"""`mergekit-aim demo --quick`: the whole offline pipeline, end to end."""
+"""`mergekit-aim demo --toy --quick`: the whole offline pipeline, end to end."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mergekit_aim import demo
+from mergekit_aim.demo import toy as demo
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 """The package's shape: imports run one way, and the public API is unambiguous.
 
 Imports run from the command line down to the artifact and the kernels:
-cli → demo → tuning → plugin → planning/offline/adapters → card/method → config →
-relaxation (the one relaxation core) → selection and calibration → importance
-→ kernels, checkpoint, names → errors.
+cli → demo → tuning, inspection → plugin → planning/offline/adapters → card/method →
+config → relaxation (the one relaxation core) → selection and calibration →
+importance → kernels, checkpoint, names, output → errors.
 A module may import its own component or any component on a lower layer,
 never one above it; function-level imports count too (they are still arrows).
 """
@@ -30,7 +30,7 @@ LAYERS = [
     {"card", "method"},
     {"planning", "offline", "adapters"},
     {"plugin"},
-    {"tuning"},
+    {"tuning", "inspection"},
     {"demo"},
     {"cli"},
     {"__main__"},

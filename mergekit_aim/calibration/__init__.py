@@ -18,6 +18,7 @@ that ``mergekit_aim.config`` can take ``CalibrationConfig`` from here cheaply.
 
 from __future__ import annotations
 
+import datetime
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -177,6 +178,12 @@ def calibrate(
             "data_fingerprint": blocks.fingerprint,
             "data": blocks.description,
             "mergekit_aim_version": __version__,
+            # What `mergekit-aim inspect` shows as when and in which dtype.
+            "created": datetime.datetime.now(datetime.timezone.utc).strftime(
+                "%Y-%m-%d %H:%M UTC"
+            ),
+            "model_dtype": str(getattr(model, "dtype", "")).removeprefix("torch.")
+            or None,
         }
     )
     return importance
