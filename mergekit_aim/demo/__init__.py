@@ -8,6 +8,7 @@ Only the command line imports this package.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -22,17 +23,60 @@ def main(
     seed: int = 0,
     base: str | os.PathLike | None = None,
 ) -> DemoResult:
-    """Run a demo and print its table (the ``mergekit-aim demo`` command)."""
+    """Run a demo and print its table (the ``mergekit-aim demo`` command).
+
+    The output is written like every command's (:mod:`mergekit_aim.output`):
+    free space checked first, everything staged beside ``out_dir`` and moved
+    into it at the end, nothing left behind on an error or an interrupt. The
+    fine-tuned experts live in the cache and survive an interrupted run.
+    """
+    from mergekit_aim.output import staged_directory
+
+    out_dir = Path(out_dir)
     if toy:
         from mergekit_aim.demo import toy as demo
 
-        return demo.main(Path(out_dir), quick=quick, seed=seed)
+        with staged_directory(out_dir) as stage:
+            result = demo.run_demo(stage, quick=quick, seed=seed)
+            _name_final_directory(stage, out_dir)
+        result = _moved(result, stage, out_dir)
+        print(demo.report(result))
+        print(f"Wrote {out_dir}/results.md and {out_dir}/results.json.")
+        return result
     from mergekit_aim.demo import real
 
     settings = (
         real.DEFAULT if seed == real.DEFAULT.seed else real.RealSettings(seed=seed)
     )
-    result = real.run_real_demo(Path(out_dir), base=base, settings=settings)
+    # Two merged models of the base's size, and the small reports.
+    weights = sum(p.stat().st_size for p in real.find_base(base).glob("*.safetensors"))
+    with staged_directory(out_dir, 2 * weights + 2**20) as stage:
+        result = real.run_real_demo(stage, base=base, settings=settings)
+        _name_final_directory(stage, out_dir)
+    result = _moved(result, stage, out_dir)
     print(real.report(result))
     print(f"Wrote {out_dir}/results.md and {out_dir}/results.json.")
     return result
+
+
+def _moved(result: DemoResult, stage: Path, out_dir: Path) -> DemoResult:
+    """``result`` with its paths in ``stage`` named where they now are."""
+
+    def move(path: Path) -> Path:
+        path = Path(path)
+        return out_dir / path.relative_to(stage) if path.is_relative_to(stage) else path
+
+    return dataclasses.replace(
+        result,
+        out_dir=out_dir,
+        models={row: move(path) for row, path in result.models.items()},
+        importance=move(result.importance),
+    )
+
+
+def _name_final_directory(stage: Path, out_dir: Path) -> None:
+    """Reports written in ``stage`` name the directory they will end up in."""
+    for name in ("results.md", "results.json"):
+        report = stage / name
+        if report.is_file():
+            report.write_text(report.read_text().replace(str(stage), str(out_dir)))

@@ -271,10 +271,15 @@ def _report(result: DemoResult) -> str:
     )
 
 
+def report(result: DemoResult) -> str:
+    """The table and its explanation, as the command prints it."""
+    return _report(result)
+
+
 def main(
     out_dir: Path, *, quick: bool = False, seed: int = 0, threads: int | None = 1
 ) -> DemoResult:
-    """Run the demo and print its table (the ``mergekit-aim demo`` command)."""
+    """Run the demo and print its table."""
     result = run_demo(out_dir, quick=quick, seed=seed, threads=threads)
     print(_report(result))
     print(f"Wrote {out_dir / 'results.md'} and {out_dir / 'results.json'}.")

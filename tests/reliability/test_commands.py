@@ -323,3 +323,30 @@ def test_model_directory_missing_shards(family, artifact, tiny_text_file, tmp_pa
             sorted(load_file(merged / "model-00001-of-00002.safetensors"))[0]
         ]
     )
+
+
+def test_demo_stages_its_output_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    # The toy demo writes through a staged directory: a failure midway leaves
+    # neither OUT nor a temporary beside it; a run that finishes names OUT (not
+    # the temporary) in its reports.
+    from mergekit_aim import demo
+    from mergekit_aim.demo import toy
+
+    def failing(stage, **kwargs):
+        (stage / "models").mkdir()
+        raise RuntimeError("training diverged")
+
+    out = tmp_path / "demo-out"
+    monkeypatch.setattr(toy, "run_demo", failing)
+    with pytest.raises(RuntimeError, match="diverged"):
+        demo.main(out, toy=True, quick=True)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    result = demo.main(out, toy=True, quick=True)
+    assert result.out_dir == out and all(
+        p.parent == out / "models" for p in result.models.values()
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-out"]
+    report = (out / "results.json").read_text()
+    assert output.PARTIAL not in report and str(out) in report
