@@ -29,9 +29,9 @@ from mergekit_aim.tuning.evaluation import (
 )
 from mergekit_aim.tuning.search import (
     DEFAULT_OMEGAS,
-    OBJECTIVE,
     TuneResult,
     omega_grid,
+    resolve_choice,
     tune_merged,
 )
 
@@ -54,6 +54,11 @@ def tune(
     dtype: str = "auto",
     random_seed: int | None = None,
     quiet: bool = False,
+    lm_eval_tasks: Sequence[str] = (),
+    lm_eval_include_path: str | os.PathLike | None = None,
+    lm_eval_limit: int | None = None,
+    objective: str | None = None,
+    keep: Mapping[str, float] | None = None,
 ) -> TuneResult:
     """Merge ``config_path`` without AIM, choose ω on ``evals``, write the winner.
 
@@ -66,13 +71,39 @@ def tune(
     checkpoint with config, tokenizer and a card naming ω), ``aim_tune.json``
     and ``aim_tune.md``. The plain merge is made in a work directory under
     ``out`` and removed at the end.
+
+    ``lm_eval_tasks``: lm-evaluation-harness tasks (lm-eval's, or YAMLs under
+    ``lm_eval_include_path``; at most ``lm_eval_limit`` documents each) that
+    every candidate is also scored by, on the model in memory. ``objective``
+    names the metric the pick is made by and ``keep`` the skill floors
+    (metric → tolerance): see :func:`~mergekit_aim.tuning.search.choose`.
+    The tasks are loaded and both settings checked before anything is merged.
     """
     grid = omega_grid(omegas, split_attention_mlp)
     check_eval_settings(seq_len, batch_size)
     check_dtype(dtype)
-    if not evals:
-        raise AimConfigError("give at least one eval set (--eval NAME=FILE)")
+    if not evals and not lm_eval_tasks:
+        raise AimConfigError(
+            "give at least one eval set (--eval NAME=FILE) or lm-eval task (--lm-eval)"
+        )
     texts = {str(name): read_eval_texts(path) for name, path in evals.items()}
+    harness = None
+    if lm_eval_tasks:
+        from mergekit_aim.tuning.harness import LmEvalTasks
+
+        harness = LmEvalTasks(
+            lm_eval_tasks,
+            include_path=lm_eval_include_path,
+            limit=lm_eval_limit,
+            batch_size=batch_size,
+        )
+    elif lm_eval_include_path is not None or lm_eval_limit is not None:
+        raise AimConfigError(
+            "--lm-eval-include-path and --lm-eval-limit go with --lm-eval TASKS"
+        )
+    metrics = {name: False for name in texts}
+    metrics.update(harness.metrics if harness is not None else {})
+    resolve_choice(metrics, list(texts), objective, keep)
     config_path = Path(config_path)
     raw, plain_config = _read_config(config_path)
     out = Path(out)
@@ -102,10 +133,20 @@ def tune(
                 device=device,
                 dtype=dtype,
                 exclude=exclude,
+                lm_eval=harness,
+                objective=objective,
+                keep=keep,
             )
             relaxed = _write_chosen(found, plain, result.chosen.setting, out, exclude)
             result.model_dir = out
-            _write_reports(out, plain, result, relaxed, found, config_path, evals)
+            lm_eval = {
+                "tasks": list(lm_eval_tasks),
+                "include_path": lm_eval_include_path and str(lm_eval_include_path),
+                "limit": lm_eval_limit,
+            }
+            _write_reports(
+                out, plain, result, relaxed, found, config_path, evals, lm_eval
+            )
     except BaseException:
         shutil.rmtree(out if created else work, ignore_errors=True)
         raise
@@ -227,6 +268,7 @@ def _write_reports(
     found: Any,
     config_path: Path,
     evals: Mapping[str, str | os.PathLike],
+    lm_eval: Mapping[str, Any],
 ) -> None:
     from mergekit_aim.card import tune_report, tuned_card
 
@@ -237,13 +279,15 @@ def _write_reports(
         "relaxed": relaxed,
         "source": found.source,
         "config": str(config_path),
-        "objective": OBJECTIVE,
+        "objective": result.choice.describe(),
+        "scored_by": _scored_by(result),
     }
     (out / "README.md").write_text(tuned_card(card, result, facts), "utf-8")
     report = result.to_json()
     report.update(
         config=str(config_path),
         eval_files={name: str(path) for name, path in evals.items()},
+        lm_eval=lm_eval if lm_eval["tasks"] else None,
         importance={"artifact": found.artifact_path, "source": found.source},
         base_model=str(found.base_model),
         relaxed_tensors=relaxed,
@@ -253,3 +297,14 @@ def _write_reports(
         json.dumps(report, indent=2, default=str) + "\n", "utf-8"
     )
     (out / "aim_tune.md").write_text(tune_report(result, facts), "utf-8")
+
+
+def _scored_by(result: TuneResult) -> str:
+    parts = []
+    if result.base_losses:
+        parts.append(
+            f"held-out loss (mean token NLL, nats) on {', '.join(result.base_losses)}"
+        )
+    if result.lm_eval_metrics:
+        parts.append(f"lm-evaluation-harness {', '.join(result.lm_eval_metrics)}")
+    return " and ".join(parts)
