@@ -309,15 +309,15 @@ def test_tune_writes_the_chosen_candidate(
 ):
     """The written model is the chosen in-memory candidate, bit for bit (here a
     split pick, forced, so both relaxation passes run)."""
-    real_choose = tune_module._choose
+    real_choose = tune_module.choose
     picked = []
 
-    def choose(rows):
-        real_choose(rows)
+    def choose(rows, choice):
+        real_choose(rows, choice)
         picked.append(next(r for r in rows if r.omega == (0.2, 0.5)))
         return picked[-1]
 
-    monkeypatch.setattr(tune_module, "_choose", choose)
+    monkeypatch.setattr(tune_module, "choose", choose)
     config = tmp_path / "merge.yml"
     aim = {"omega": 0.9, "importance": str(artifact), "exclude": ["^lm_head\\."]}
     config.write_text(yaml.safe_dump(merge_config(family, aim)))
