@@ -389,8 +389,11 @@ class TuneResult:
             "|"
             + "|".join(["---"] + ["---:"] * (len(names) + len(metrics) + 1) + ["---"])
             + "|",
-            "| " + " | ".join([*base, *([""] * len(metrics)), "", ""]) + " |",
         ]
+        if names:  # the base model is scored on the --eval sets only
+            lines.append(
+                "| " + " | ".join([*base, *([""] * len(metrics)), "", ""]) + " |"
+            )
         for row in self.rows:
             label = row.label() + (" (plain)" if row.is_plain else "")
             cells = [f"{row.losses[n]:.4f}" for n in names]
