@@ -11,13 +11,24 @@ the winner.
 **Loss.** Mean next-token negative log-likelihood (nats) over every predicted
 token of every text: see :func:`evaluate_loss`.
 
-**Objective** (lower is better): the mean over eval sets of the relative loss
-change against the base model, ``(L(ω) − L_base) / L_base``. Relative changes
-keep an eval set with a large loss from outweighing the others. The lowest
-objective wins; an exact tie goes to the candidate closer to the plain merge
-(larger ω). ω = 1, the plain merge, is always a candidate, so the choice is
-never worse than the plain merge on the eval data (which is also why the eval
-data must be held out from anything the choice is later judged on).
+**Metrics.** Every scorer gives :class:`~mergekit_aim.tuning.evaluation.Score` s
+(value, standard error, direction): the ``--eval`` sets' losses, and with
+``lm_eval`` the harness's metrics (:mod:`~mergekit_aim.tuning.harness`).
+
+**The choice** (:func:`choose`, one function over metrics). Skill floors
+(``keep``: metric → tolerance) make a candidate ineligible when it is more than
+the tolerance worse than the plain merge on a kept metric; the plain merge is
+always eligible. Among eligible candidates the best general objective wins;
+an exact tie goes to the candidate closer to the plain merge (larger ω). The
+default objective (``loss``, lower is better) is the mean over eval sets of
+the relative loss change against the base model, ``(L(ω) − L_base) /
+L_base``: relative changes keep an eval set with a large loss from outweighing
+the others; any one metric can be the objective instead. ω = 1, the plain
+merge, is always a candidate, so the choice is never worse than the plain
+merge on the tuning data on the objective or a kept skill (which is also why
+that data must be held out from anything the choice is later judged on).
+:func:`within_stderr` says when the pick's lead over the plain merge is
+smaller than their combined standard error.
 
 **Split ω** (``split_attention_mlp``): one ω for the MLP (feed-forward)
 weights, tensors whose name has an ``mlp``, ``feed_forward``, ``ffn`` or
@@ -152,7 +163,7 @@ class Choice:
     keep: Mapping[str, float] = field(default_factory=dict)
 
     def describe(self) -> str:
-        what = OBJECTIVE if self.objective == LOSS else f"{self.objective}"
+        what = OBJECTIVE if self.objective == LOSS else self.objective
         if not self.keep:
             return what
         floors = ", ".join(f"{m} within {t:g} of plain" for m, t in self.keep.items())
