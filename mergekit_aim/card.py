@@ -120,7 +120,8 @@ def tuned_card(card: str, result: Any, facts: dict[str, Any]) -> str:
     """The plain merge's card with the section ``mergekit-aim tune`` adds.
 
     ``result`` is the search's ``TuneResult``; ``facts`` holds ``base_model``,
-    ``relaxed`` (tensor count), ``source`` (the importance) and ``objective``.
+    ``relaxed`` (tensor count), ``source`` (the importance), ``objective`` and
+    ``scored_by`` (what the candidates were scored by).
     """
     chosen = result.chosen
     omega_text = _tuned_omega_text(result)
@@ -136,8 +137,8 @@ def tuned_card(card: str, result: Any, facts: dict[str, Any]) -> str:
         )
     section = (
         "\n## Activation-Informed Merging: ω chosen by `mergekit-aim tune`\n\n"
-        f"{what}. ω was chosen among {len(result.rows)} candidates by held-out loss "
-        f"(mean token NLL, nats) on {', '.join(result.base_losses)}; objective: "
+        f"{what}. ω was chosen among {len(result.rows)} candidates by "
+        f"{facts['scored_by']}; objective: "
         f"{facts['objective']}. Importance: {facts['source']}.\n\n"
         f"{_as_aim_block(chosen)}\n\n{result.to_markdown()}\n"
     )
@@ -149,7 +150,7 @@ def tune_report(result: Any, facts: dict[str, Any]) -> str:
     return (
         f"# mergekit-aim tune\n\nConfig `{facts['config']}`; chosen "
         f"{_tuned_omega_text(result)}.\n\n{_as_aim_block(result.chosen)}\n\n"
-        f"Held-out loss (mean token NLL, nats; lower is better). Objective: "
+        f"Scored by {facts['scored_by']} (losses: lower is better). Objective: "
         f"{facts['objective']}.\n\n{result.to_markdown()}\n"
     )
 

@@ -357,7 +357,6 @@ def tune_adapter(
     "--eval",
     "evals",
     multiple=True,
-    required=True,
     metavar="NAME=FILE",
     help="held-out eval set (repeatable): .txt (documents separated by blank "
     "lines) or .jsonl (a 'text' field per line)",
@@ -397,6 +396,42 @@ def tune_adapter(
 @click.option("--seq-len", default=512, show_default=True, type=int)
 @click.option("--batch-size", default=4, show_default=True, type=int)
 @click.option("--random-seed", default=None, type=int, help="for the plain merge")
+@click.option(
+    "--lm-eval",
+    "lm_eval",
+    default=None,
+    metavar="TASK[,TASK…]",
+    help="lm-evaluation-harness tasks every candidate is also scored by "
+    "(needs the extra: pip install 'mergekit-aim[eval]')",
+)
+@click.option(
+    "--lm-eval-include-path",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="a directory of your own lm-eval task YAMLs",
+)
+@click.option(
+    "--lm-eval-limit",
+    default=None,
+    type=int,
+    help="score at most N documents of each lm-eval task",
+)
+@click.option(
+    "--objective",
+    default=None,
+    metavar="METRIC",
+    help="what the pick maximises among eligible candidates: 'loss' (the --eval "
+    "sets' mean relative loss change; the default with --eval), an --eval set, "
+    "or an lm-eval TASK/METRIC (a task alone when it has one metric)",
+)
+@click.option(
+    "--keep",
+    "keep",
+    multiple=True,
+    metavar="METRIC[=TOLERANCE]",
+    help="skill floor (repeatable): a candidate more than TOLERANCE (default 0, "
+    "in the metric's units) worse than the plain merge on METRIC is not picked",
+)
 @click.option("--quiet", "-q", is_flag=True, help="only the table and errors")
 @click.option("--verbose", "-v", count=True)
 @click.argument("out", type=click.Path(file_okay=False))
@@ -407,22 +442,34 @@ def tune(
     out: str,
     quiet: bool,
     verbose: int,
+    lm_eval: str | None,
+    keep: tuple[str, ...],
     **settings,
 ) -> None:
-    """Merge CONFIG once without AIM, pick ω by held-out loss, write it to OUT.
+    """Merge CONFIG once without AIM, pick ω on held-out data, write it to OUT.
 
     Every candidate is the plain merge relaxed at that ω (in memory), scored by
-    mean token NLL on each --eval set. The pick minimises the mean over eval
-    sets of (L(ω) − L_base) / L_base; ties go to the larger ω. CONFIG's aim:
-    block supplies the importance (or calibration, cached) and exclude; its
-    omega is ignored. OUT gets the chosen model, aim_tune.json and aim_tune.md.
+    mean token NLL on each --eval set and by each --lm-eval task's metrics.
+    Eligible: the plain merge, and candidates within each --keep floor of it.
+    Among those the best --objective wins (by default the mean over eval sets
+    of (L(ω) − L_base) / L_base, lowest); ties go to the larger ω. CONFIG's
+    aim: block supplies the importance (or calibration, cached) and exclude;
+    its omega is ignored. OUT gets the chosen model, aim_tune.json and
+    aim_tune.md.
     """
     from mergekit_aim.errors import AimConfigError
     from mergekit_aim.tuning import parse_omegas
     from mergekit_aim.tuning import tune as run_tune
     from mergekit_aim.tuning.evaluation import parse_eval_spec
+    from mergekit_aim.tuning.search import parse_keep
 
     _setup_logging(quiet, verbose)
+    tasks: list[str] = []
+    if lm_eval is not None:
+        from mergekit_aim.tuning.harness import parse_tasks, require_lm_eval
+
+        tasks = parse_tasks(lm_eval)
+        require_lm_eval()
     files: dict[str, Path] = {}
     for spec in evals:
         name, path = parse_eval_spec(spec)
@@ -430,7 +477,14 @@ def tune(
             raise AimConfigError(f"--eval: the name {name!r} is given twice")
         files[name] = path
     result = run_tune(
-        config, files, Path(out), omegas=parse_omegas(omegas), quiet=quiet, **settings
+        config,
+        files,
+        Path(out),
+        omegas=parse_omegas(omegas),
+        quiet=quiet,
+        lm_eval_tasks=tasks,
+        keep=parse_keep(keep),
+        **settings,
     )
     click.echo(result.to_markdown())
     click.echo(

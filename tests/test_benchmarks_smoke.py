@@ -207,3 +207,100 @@ def test_gpu_check_runs_steps_within_their_limits(tmp_path):
     table = gpu_check.summary_markdown("Fake GPU 9000", "Machine: x", results)
     assert table.startswith("# gpu-check on Fake GPU 9000") and "hangs" in table
     assert common.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+# --- every benchmark still runs (a moved name must fail here) -------------------------
+
+BENCHMARKS = Path(common.__file__).parent
+BENCHMARK_FILES = sorted(
+    p.relative_to(BENCHMARKS.parent).as_posix() for p in BENCHMARKS.rglob("*.py")
+)
+
+
+def _package_names(tree) -> list[tuple[str, str, int]]:
+    """(module, attribute, line) for every name the file takes from
+    ``mergekit_aim``: ``from mergekit_aim.x import y`` anywhere (functions
+    import lazily), and ``alias.attr`` where an alias is bound to one of its
+    modules."""
+    import ast
+
+    aliases: dict[str, str] = {}
+    used = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+            "mergekit_aim"
+        ):
+            for alias in node.names:
+                used.append((node.module, alias.name, node.lineno))
+                aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("mergekit_aim"):
+                    aliases[alias.asname or alias.name.split(".")[0]] = (
+                        alias.name if alias.asname else "mergekit_aim"
+                    )
+    # A name the file also assigns (a local ``importance = ...``) is not an alias.
+    assigned = {
+        node.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)
+    }
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and node.value.id not in assigned
+        ):
+            used.append((aliases[node.value.id], node.attr, node.lineno))
+    return used
+
+
+@pytest.mark.parametrize("path", BENCHMARK_FILES)
+def test_every_package_name_a_benchmark_uses_exists(path):
+    import ast
+    import importlib
+
+    tree = ast.parse((BENCHMARKS.parent / path).read_text(), path)
+    missing = []
+    for module, attribute, line in _package_names(tree):
+        try:
+            target = importlib.import_module(module)
+        except ModuleNotFoundError:
+            # ``from mergekit_aim import tuning`` then ``tuning.x``: a subpackage.
+            parent, _, leaf = module.rpartition(".")
+            target = getattr(importlib.import_module(parent), leaf)
+        if not hasattr(target, attribute):
+            try:
+                importlib.import_module(f"{module}.{attribute}")
+            except ModuleNotFoundError:
+                missing.append(f"{path}:{line}: {module}.{attribute}")
+    assert not missing, missing
+
+
+def _run_benchmark(module: str, *argv: str, timeout: int = 240) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", module, *argv],
+        cwd=BENCHMARKS.parent,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+def test_quality_benchmark_smoke_runs_every_stage(tmp_path):
+    """Training, merging, AIM and its controls, the ω sweep, ``tune_merged``
+    and the report, each at the smallest size."""
+    out = _run_benchmark("benchmarks.quality", "--smoke", "--out", str(tmp_path))
+    document = json.loads((tmp_path / "quality.json").read_text())
+    variants = {row["variant"] for row in document["results"]}
+    assert {"plain", "aim", "tuned"} <= variants
+    assert "tuned" in out
+
+
+def test_kernels_benchmark_quick_mode(tmp_path):
+    _run_benchmark("benchmarks.kernels", "--quick", "--out", str(tmp_path))
+    assert any(tmp_path.iterdir())

@@ -249,7 +249,7 @@ def test_tune_runs_on_a_moe_merge(moe_families, tmp_path, tiny_text, monkeypatch
     from mergekit_aim.tuning import search, tune
     from mergekit_aim.tuning.evaluation import evaluate_loss
 
-    monkeypatch.setattr(search, "_choose", lambda rows: rows[0])
+    monkeypatch.setattr(search, "choose", lambda rows, choice: rows[0])
     base, variants, artifact = moe_families("mixtral")
     config = write_config(
         tmp_path / "merge.yml", base, variants, aim={"importance": str(artifact)}

@@ -2,9 +2,11 @@
 lowest objective, ω = 1 is the plain merge exactly, bad input writes nothing."""
 
 import json
+import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -309,15 +311,15 @@ def test_tune_writes_the_chosen_candidate(
 ):
     """The written model is the chosen in-memory candidate, bit for bit (here a
     split pick, forced, so both relaxation passes run)."""
-    real_choose = tune_module._choose
+    real_choose = tune_module.choose
     picked = []
 
-    def choose(rows):
-        real_choose(rows)
+    def choose(rows, choice):
+        real_choose(rows, choice)
         picked.append(next(r for r in rows if r.omega == (0.2, 0.5)))
         return picked[-1]
 
-    monkeypatch.setattr(tune_module, "_choose", choose)
+    monkeypatch.setattr(tune_module, "choose", choose)
     config = tmp_path / "merge.yml"
     aim = {"omega": 0.9, "importance": str(artifact), "exclude": ["^lm_head\\."]}
     config.write_text(yaml.safe_dump(merge_config(family, aim)))
@@ -359,7 +361,12 @@ def run_cli(*args):
         [CLI, *map(str, args)],
         capture_output=True,
         text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        env={
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+        },
     )
 
 
@@ -473,3 +480,302 @@ def test_tune_calibrates_through_the_cache(family, plain, data, tmp_path):
     written = load_dir(out)
     for name, tensor in expected.items():
         assert torch.equal(written[name], tensor), name
+
+
+# --- the choice: skill floors, then the objective ------------------------------
+
+
+def _row(omega, **values):
+    from mergekit_aim.tuning.evaluation import Score
+    from mergekit_aim.tuning.search import TuneRow
+
+    scores = {
+        name: Score(name, value, stderr, higher)
+        for name, (value, stderr, higher) in values.items()
+    }
+    return TuneRow(
+        omega,
+        omega,
+        {},
+        scores["obj"].value,
+        scores=scores,
+        objective_score=scores["obj"],
+    )
+
+
+def test_choice_keeps_skills_then_takes_the_best_objective():
+    from mergekit_aim.tuning.search import Choice, choose, within_stderr
+
+    rows = [
+        _row(0.0, obj=(0.90, 0.01, True), math=(0.30, 0.05, True)),
+        _row(0.4, obj=(0.80, 0.01, True), math=(0.48, 0.05, True)),
+        _row(0.8, obj=(0.80, 0.01, True), math=(0.50, 0.05, True)),
+        _row(1.0, obj=(0.70, 0.01, True), math=(0.50, 0.05, True)),
+    ]
+    # No floor: the best objective.
+    assert choose(rows, Choice("obj")).omega == 0.0
+    # math may fall 0.05 below plain: ω = 0 (−0.20) is out; 0.4 and 0.8 tie on
+    # the objective and the larger ω wins.
+    chosen = choose(rows, Choice("obj", {"math": 0.05}))
+    assert chosen.omega == 0.8 and not rows[1].excluded_by
+    assert rows[0].excluded_by == ["math"] and not rows[0].eligible
+    # A floor nobody but plain meets: the plain merge, always eligible.
+    assert choose(rows, Choice("obj", {"math": 0.0})).omega in (0.8, 1.0)
+    rows[2].scores["math"] = replace(rows[2].scores["math"], value=math.nan)
+    assert choose(rows, Choice("obj", {"math": 0.0})).is_plain
+    assert rows[2].excluded_by == ["math"]  # not a number: not eligible
+    # A lead of 0.2 against a combined stderr of 0.014: real; against 0.3: not.
+    assert within_stderr(rows[0], rows[3]) is False
+    rows[0].objective_score = replace(rows[0].objective_score, stderr=0.3)
+    assert within_stderr(rows[0], rows[3]) is True
+    rows[0].objective_score = replace(rows[0].objective_score, stderr=None)
+    assert within_stderr(rows[0], rows[3]) is None
+
+
+def test_choice_is_direction_aware_for_losses():
+    from mergekit_aim.tuning.search import Choice, choose
+
+    rows = [
+        _row(0.0, obj=(2.0, 0.01, False), code=(3.5, 0.01, False)),
+        _row(0.5, obj=(2.1, 0.01, False), code=(3.05, 0.01, False)),
+        _row(1.0, obj=(2.5, 0.01, False), code=(3.0, 0.01, False)),
+    ]
+    assert choose(rows, Choice("obj")).omega == 0.0
+    assert choose(rows, Choice("obj", {"code": 0.1})).omega == 0.5
+    assert rows[0].excluded_by == ["code"]
+
+
+def test_choice_settings_are_resolved_or_refused():
+    from mergekit_aim.tuning.search import parse_keep, resolve_choice
+
+    metrics = {
+        "code": False,
+        "arith/exact_match": True,
+        "mc/acc": True,
+        "mc/acc_norm": True,
+    }
+    choice = resolve_choice(metrics, ["code"], None, {"arith": 0.02})
+    assert choice.objective == "loss" and choice.keep == {"arith/exact_match": 0.02}
+    only = resolve_choice({"arith/exact_match": True}, [])
+    assert only.objective == "arith/exact_match"
+    refusals = [
+        (dict(loss_sets=[]), "--objective: name the metric"),
+        (dict(loss_sets=[], objective="loss"), "needs at least one --eval"),
+        (dict(loss_sets=["code"], objective="mc"), "several metrics"),
+        (dict(loss_sets=["code"], keep={"nope": 0}), "--keep 'nope': not a metric"),
+    ]
+    for kwargs, message in refusals:
+        with pytest.raises(AimConfigError, match=message):
+            resolve_choice(metrics, **kwargs)
+    assert parse_keep(["mc/acc=0.05", "code"]) == {"mc/acc": 0.05, "code": 0.0}
+    for bad in (["x=-1"], ["x=a"], ["=1"], ["x", "x=1"]):
+        with pytest.raises(AimConfigError, match="--keep"):
+            parse_keep(bad)
+
+
+def test_loss_stderr_is_the_clustered_error():
+    from mergekit_aim.tuning.evaluation import clustered_mean
+
+    mean, stderr = clustered_mean([(2.0, 1), (4.0, 1)])
+    assert mean == 3.0 and stderr == pytest.approx(1.0)
+    assert clustered_mean([(6.0, 3)]) == (2.0, 0.0)
+    # Token-weighted: a long window counts for its tokens.
+    assert clustered_mean([(2.0, 1), (12.0, 3)])[0] == pytest.approx(3.5)
+
+
+# --- lm-evaluation-harness ---------------------------------------------------------
+
+
+def write_tasks(root: Path) -> Path:
+    """Two local lm-eval tasks over generated items: arithmetic answered by
+    greedy generation (exact match) and a 3-way choice (accuracy)."""
+    import random
+
+    rng = random.Random(5)
+    arith = []
+    for _ in range(12):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        arith.append({"question": f"What is {a} + {b}?", "answer": str(a + b)})
+    words = ["farmer", "map", "door", "market", "child", "river"]
+    choice = [
+        {
+            "context": f"The {w} found a",
+            "choices": [" map", " door", " cat"],
+            "label": i % 3,
+        }
+        for i, w in enumerate(words * 2)
+    ]
+    root.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("arith", arith), ("choice", choice)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = "dataset_path: json\ntest_split: test\n"
+    (root / "arith.yaml").write_text(
+        f"task: tiny_arith\n{common}"
+        f"dataset_kwargs:\n  data_files:\n    test: {root / 'arith.jsonl'}\n"
+        "output_type: generate_until\n"
+        'doc_to_text: "{{question}} Answer:"\n'
+        'doc_to_target: " {{answer}}"\n'
+        'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 3\n'
+        "  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n"
+        "    higher_is_better: true\n"
+    )
+    (root / "choice.yaml").write_text(
+        f"task: tiny_choice\n{common}"
+        f"dataset_kwargs:\n  data_files:\n    test: {root / 'choice.jsonl'}\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{label}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n"
+        "    higher_is_better: true\n"
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def lm_tasks(tmp_path_factory):
+    pytest.importorskip("lm_eval")
+    return write_tasks(tmp_path_factory.mktemp("lm-eval-tasks"))
+
+
+@pytest.fixture(scope="module")
+def harness(lm_tasks):
+    from mergekit_aim.tuning.harness import LmEvalTasks
+
+    return LmEvalTasks(
+        ["tiny_arith", "tiny_choice"], include_path=lm_tasks, limit=6, batch_size=4
+    )
+
+
+def test_lm_eval_scores_the_model_in_memory(family, plain, artifact, evals, harness):
+    from transformers import AutoModelForCausalLM
+
+    assert harness.metrics == {"tiny_arith/exact_match": True, "tiny_choice/acc": True}
+    result = tune_merged(
+        family.base,
+        plain,
+        artifact,
+        {"lines": evals["lines"]},
+        omegas=(0.0,),
+        seq_len=SEQ_LEN,
+        batch_size=BATCH,
+        lm_eval=harness,
+        objective="tiny_choice/acc",
+        keep={"lines": 0.5},
+    )
+    assert result.choice.objective == "tiny_choice/acc"
+    for row in result.rows:
+        assert set(row.scores) == {"lines", "tiny_arith/exact_match", "tiny_choice/acc"}
+        acc = row.scores["tiny_choice/acc"]
+        assert 0 <= acc.value <= 1 and acc.stderr is not None and acc.higher_is_better
+        assert row.relax_s > 0 and row.score_s > 0
+    # The plain row, scored in place after a relaxed candidate, equals the plain
+    # merge loaded afresh: relaxing in place leaves nothing behind.
+    fresh = harness.score(
+        AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32),
+        family.tokenizer,
+    )
+    plain_row = result.plain
+    for name, score in fresh.items():
+        assert plain_row.scores[name].value == pytest.approx(score.value)
+    best = max(
+        (r for r in result.rows if r.eligible),
+        key=lambda r: (r.scores["tiny_choice/acc"].value, r.omega_attention),
+    )
+    assert result.chosen is best
+    report = json.loads(json.dumps(result.to_json()))
+    assert report["timing"]["relax_over_score"] > 0
+    assert report["rows"][0]["metrics"]["tiny_choice/acc"]["stderr"] is not None
+    table = result.to_markdown()
+    assert (
+        "| ω | lines | tiny_arith/exact_match | tiny_choice/acc | objective |" in table
+    )
+    assert " ± " in table
+
+
+@pytest.mark.slow
+def test_cli_lm_eval_end_to_end(family, artifact, data, lm_tasks, tmp_path):
+    config = tmp_path / "merge.yml"
+    config.write_text(yaml.safe_dump(merge_config(family)))
+    out = tmp_path / "tuned"
+    done = run_cli(
+        "tune",
+        config,
+        "--importance",
+        artifact,
+        "--lm-eval",
+        "tiny_arith,tiny_choice",
+        "--lm-eval-include-path",
+        lm_tasks,
+        "--lm-eval-limit",
+        4,
+        "--eval",
+        f"stories={data / 'stories.txt'}",
+        "--keep",
+        "tiny_choice=0.25",
+        "--omega",
+        0.3,
+        "--seq-len",
+        SEQ_LEN,
+        "--quiet",
+        out,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "| tiny_arith/exact_match | tiny_choice/acc | objective |" in done.stdout
+    report = json.loads((out / "aim_tune.json").read_text())
+    assert report["keep"] == {"tiny_choice/acc": 0.25}
+    assert report["objective_metric"] == "loss"
+    assert report["lm_eval"]["limit"] == 4
+    for row in report["rows"]:
+        assert set(row["metrics"]) == {
+            "stories",
+            "tiny_arith/exact_match",
+            "tiny_choice/acc",
+        }
+        assert row["relax_s"] > 0 and row["score_s"] > 0
+    assert "lm-evaluation-harness" in (out / "README.md").read_text()
+    assert not (out / ".aim-tune-work").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lm-eval", "nope"], "no task 'nope'"),
+        (["--lm-eval", "tiny_arith,,x"], "comma-separated task names"),
+        (["--lm-eval", "tiny_arith,tiny_choice"], "--objective: name the metric"),
+        (["--lm-eval", "tiny_choice", "--keep", "tiny_arith"], "--keep 'tiny_arith'"),
+        (["--lm-eval", "tiny_choice", "--lm-eval-limit", "0"], "--lm-eval-limit"),
+        (["--eval", "STORIES", "--lm-eval-limit", "3"], "go with --lm-eval"),
+        ([], "or lm-eval task (--lm-eval)"),
+    ],
+)
+def test_lm_eval_settings_are_refused_before_merging(
+    args, message, family, artifact, data, lm_tasks, tmp_path
+):
+    from mergekit_aim.cli import main
+
+    config = tmp_path / "merge.yml"
+    config.write_text(yaml.safe_dump(merge_config(family)))
+    out = tmp_path / "never"
+    args = [a.replace("STORIES", f"stories={data / 'stories.txt'}") for a in args]
+    if "--lm-eval" in args:
+        args += ["--lm-eval-include-path", str(lm_tasks)]
+    result = CliRunner().invoke(
+        main, ["tune", str(config), "--importance", str(artifact), *args, str(out)]
+    )
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and message in result.output
+    assert not out.exists()
+
+
+def test_lm_eval_missing_says_which_extra(monkeypatch, family, tmp_path):
+    from mergekit_aim.cli import main
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    result = CliRunner().invoke(
+        main, ["tune", str(tmp_path / "c.yml"), "--lm-eval", "x", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2
+    assert "pip install 'mergekit-aim[eval]'" in result.output
+    assert len(result.output.strip().splitlines()) == 1

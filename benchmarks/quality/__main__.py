@@ -3,7 +3,7 @@
 Trains (or reuses from the cache) a base and three experts, merges expert
 sets with several methods through mergekit, applies AIM and its two controls
 to each merge, chooses ω on a validation split with
-:func:`mergekit_aim.tuning.search.tune_merged`, scores everything on the test split,
+:func:`mergekit_aim.tuning.tune_merged`, scores everything on the test split,
 and writes ``quality.json``, ``quality.md`` and ``quality.png`` to ``--out``.
 
 ``--model smollm2-135m`` runs the protocol on a real pretrained base (see
@@ -113,15 +113,20 @@ def _row(
 
 
 def _tuner() -> Any:
-    try:
-        from mergekit_aim.tuning import search as tune
-    except ImportError:
-        LOG.warning("quality: mergekit_aim.tuning.search is missing; no tuned rows")
-        return None
-    return tune
+    # The package's public names (``tune_merged``, ``evaluate_loss``); no
+    # fallback: a moved name must fail here, not drop the tuned rows quietly.
+    from mergekit_aim import tuning
+
+    return tuning
 
 
-def settings_for(quick: bool = False, model: str | None = None) -> training.Settings:
+def settings_for(
+    quick: bool = False, model: str | None = None, smoke: bool = False
+) -> training.Settings:
+    if smoke:
+        if quick or model is not None:
+            raise ValueError("--smoke is its own scale; it combines with nothing")
+        return training.SMOKE
     if model is not None:
         if quick:
             raise ValueError(
@@ -142,6 +147,7 @@ def run(
     quick: bool = False,
     cache_dir: Path | None = None,
     model_name: str | None = None,
+    smoke: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark; returns the JSON document it writes."""
     from transformers import AutoModelForCausalLM
@@ -149,7 +155,7 @@ def run(
     from mergekit_aim.console import Stopwatch, quiet_transformers
     from mergekit_aim.importance import ImportanceMap
 
-    settings = settings_for(quick, model_name)
+    settings = settings_for(quick, model_name, smoke)
     eval_dtype = getattr(torch, settings.eval_dtype)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -282,6 +288,7 @@ def run(
     document = {
         "benchmark": "quality",
         "quick": quick,
+        "smoke": smoke,
         "model": settings.model,
         "settings": asdict(settings),
         "tasks": list(tasks.TASKS),
@@ -299,7 +306,10 @@ def run(
         "results": rows,
     }
     (out_dir / "quality.json").write_text(json.dumps(document, indent=1))
-    report.pareto_plot(rows, settings.omega, out_dir / "quality.png")
+    try:
+        report.pareto_plot(rows, settings.omega, out_dir / "quality.png")
+    except ImportError:  # the bench extra (matplotlib) is not installed
+        LOG.warning("quality: matplotlib is not installed; no quality.png")
     (out_dir / "quality.md").write_text(report.markdown(document))
     LOG.info("quality: finished in %.0f s; results in %s", seconds, out_dir)
     return document
@@ -311,12 +321,13 @@ def build_experts(
     quick: bool = False,
     cache_dir: Path | None = None,
     model_name: str | None = None,
+    smoke: bool = False,
 ) -> dict[str, Path]:
     """Only the first stage: the base, the three experts and the base's
     artifact (cached like a full run), linked as ``OUT/models/<name>``."""
     from mergekit_aim.console import quiet_transformers
 
-    settings = settings_for(quick, model_name)
+    settings = settings_for(quick, model_name, smoke)
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
     with quiet_transformers():
@@ -388,6 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality")
     parser.add_argument("--quick", action="store_true", help="small settings (~5 min)")
     parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="every stage at the smallest size (seconds; numbers meaningless): "
+        "checks the benchmark still runs",
+    )
+    parser.add_argument(
         "--model",
         default=None,
         choices=sorted(training.REAL),
@@ -414,7 +431,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.quick and args.model:
         parser.error("--quick is the toy scale; it does not combine with --model")
-    where = dict(quick=args.quick, cache_dir=args.cache, model_name=args.model)
+    if args.smoke and (args.quick or args.model):
+        parser.error(
+            "--smoke is its own scale; it does not combine with --quick/--model"
+        )
+    where = dict(
+        quick=args.quick,
+        cache_dir=args.cache,
+        model_name=args.model,
+        smoke=args.smoke,
+    )
     if args.experts_only:
         for name, path in build_experts(args.out, **where).items():
             print(f"{name}: {path}")

@@ -216,6 +216,39 @@ QUICK = Settings(
     tune_omegas=(0.0, 0.4, 1.0),
     greedy_check_items=10,
 )
+# Every stage at the smallest size that still runs it (seconds): what CI runs
+# so that a name the benchmark uses cannot move without a test failing.
+SMOKE = Settings(
+    vocab_size=300,
+    hidden_size=32,
+    num_layers=1,
+    seq_len=32,
+    batch_size=4,
+    base_steps=2,
+    base_lr=3e-3,
+    base_chars=6_000,
+    code_steps=2,
+    code_lr=2e-3,
+    item_steps=2,
+    item_lr=3e-3,
+    item_batch_size=4,
+    replay_batch_size=2,
+    code_chars=3_000,
+    train_items=20,
+    validation_items=4,
+    test_items=6,
+    heldout_chars=800,
+    validation_chars=400,
+    calibration_samples=4,
+    density=0.5,
+    dare_seeds=(0,),
+    omega=0.4,
+    sweep_omegas=(0.0, 1.0),
+    tune_omegas=(0.0, 1.0),
+    greedy_check_items=2,
+    methods=("task_arithmetic",),
+    pairs=(("code", "math"),),
+)
 
 
 @dataclass

@@ -1,16 +1,21 @@
 """Choosing ω on held-out text: evaluation, the ω search, the ``tune`` command.
 
 - :mod:`~mergekit_aim.tuning.evaluation`: the one NLL scorer (mean token
-  negative log-likelihood over fixed windows) and eval-file reading;
-- :mod:`~mergekit_aim.tuning.search`: candidates, scoring, the pick;
+  negative log-likelihood over fixed windows), eval-file reading, and the
+  scoring interface every scorer implements (``Score``, ``LossSets``);
+- :mod:`~mergekit_aim.tuning.harness`: lm-evaluation-harness tasks as a
+  scorer (the optional extra ``eval``);
+- :mod:`~mergekit_aim.tuning.search`: candidates, scoring, the pick
+  (skill floors, then the objective);
 - :mod:`~mergekit_aim.tuning.command`: ``mergekit-aim tune`` end to end.
 """
 
 from mergekit_aim.tuning.command import tune
-from mergekit_aim.tuning.evaluation import evaluate_loss
+from mergekit_aim.tuning.evaluation import Score, evaluate_loss
 from mergekit_aim.tuning.search import (
     DEFAULT_OMEGAS,
     OBJECTIVE,
+    Choice,
     TuneResult,
     TuneRow,
     candidate_tensors,
@@ -22,6 +27,8 @@ from mergekit_aim.tuning.search import (
 __all__ = [
     "DEFAULT_OMEGAS",
     "OBJECTIVE",
+    "Choice",
+    "Score",
     "TuneResult",
     "TuneRow",
     "candidate_tensors",

@@ -31,9 +31,9 @@ from mergekit_aim.tuning.evaluation import (
 )
 from mergekit_aim.tuning.search import (
     DEFAULT_OMEGAS,
-    OBJECTIVE,
     TuneResult,
     omega_grid,
+    resolve_choice,
     tune_merged,
 )
 
@@ -56,6 +56,11 @@ def tune(
     dtype: str = "auto",
     random_seed: int | None = None,
     quiet: bool = False,
+    lm_eval_tasks: Sequence[str] = (),
+    lm_eval_include_path: str | os.PathLike | None = None,
+    lm_eval_limit: int | None = None,
+    objective: str | None = None,
+    keep: Mapping[str, float] | None = None,
 ) -> TuneResult:
     """Merge ``config_path`` without AIM, choose ω on ``evals``, write the winner.
 
@@ -69,13 +74,39 @@ def tune(
     and ``aim_tune.md``. The plain merge is made in a work directory beside
     ``out`` and removed at the end; a filesystem without room for it and the
     chosen model (about twice the base model) is refused first.
+
+    ``lm_eval_tasks``: lm-evaluation-harness tasks (lm-eval's, or YAMLs under
+    ``lm_eval_include_path``; at most ``lm_eval_limit`` documents each) that
+    every candidate is also scored by, on the model in memory. ``objective``
+    names the metric the pick is made by and ``keep`` the skill floors
+    (metric → tolerance): see :func:`~mergekit_aim.tuning.search.choose`.
+    The tasks are loaded and both settings checked before anything is merged.
     """
     grid = omega_grid(omegas, split_attention_mlp)
     check_eval_settings(seq_len, batch_size)
     check_dtype(dtype)
-    if not evals:
-        raise AimConfigError("give at least one eval set (--eval NAME=FILE)")
+    if not evals and not lm_eval_tasks:
+        raise AimConfigError(
+            "give at least one eval set (--eval NAME=FILE) or lm-eval task (--lm-eval)"
+        )
     texts = {str(name): read_eval_texts(path) for name, path in evals.items()}
+    harness = None
+    if lm_eval_tasks:
+        from mergekit_aim.tuning.harness import LmEvalTasks
+
+        harness = LmEvalTasks(
+            lm_eval_tasks,
+            include_path=lm_eval_include_path,
+            limit=lm_eval_limit,
+            batch_size=batch_size,
+        )
+    elif lm_eval_include_path is not None or lm_eval_limit is not None:
+        raise AimConfigError(
+            "--lm-eval-include-path and --lm-eval-limit go with --lm-eval TASKS"
+        )
+    metrics = {name: False for name in texts}
+    metrics.update(harness.metrics if harness is not None else {})
+    resolve_choice(metrics, list(texts), objective, keep)
     config_path = Path(config_path)
     raw, plain_config = _read_config(config_path)
     out = Path(out)
@@ -107,13 +138,23 @@ def tune(
             device=device,
             dtype=dtype,
             exclude=exclude,
+            lm_eval=harness,
+            objective=objective,
+            keep=keep,
         )
         from mergekit_aim.offline import output_bytes
 
         check_space(out, output_bytes(plain))
         relaxed = _write_chosen(found, plain, result.chosen.setting, stage, exclude)
         result.model_dir = out
-        _write_reports(stage, plain, result, relaxed, found, config_path, evals)
+        lm_eval = {
+            "tasks": list(lm_eval_tasks),
+            "include_path": lm_eval_include_path and str(lm_eval_include_path),
+            "limit": lm_eval_limit,
+        }
+        _write_reports(
+            stage, plain, result, relaxed, found, config_path, evals, lm_eval
+        )
         shutil.rmtree(work)
     LOG.info("tune: wrote %s (ω %s)", out, result.chosen.label())
     return result
@@ -254,6 +295,7 @@ def _write_reports(
     found: Any,
     config_path: Path,
     evals: Mapping[str, str | os.PathLike],
+    lm_eval: Mapping[str, Any],
 ) -> None:
     from mergekit_aim.card import tune_report, tuned_card
 
@@ -264,13 +306,15 @@ def _write_reports(
         "relaxed": relaxed,
         "source": found.source,
         "config": str(config_path),
-        "objective": OBJECTIVE,
+        "objective": result.choice.describe(),
+        "scored_by": _scored_by(result),
     }
     (out / "README.md").write_text(tuned_card(card, result, facts), "utf-8")
     report = result.to_json()
     report.update(
         config=str(config_path),
         eval_files={name: str(path) for name, path in evals.items()},
+        lm_eval=lm_eval if lm_eval["tasks"] else None,
         importance={"artifact": found.artifact_path, "source": found.source},
         base_model=str(found.base_model),
         relaxed_tensors=relaxed,
@@ -280,3 +324,14 @@ def _write_reports(
         json.dumps(report, indent=2, default=str) + "\n", "utf-8"
     )
     (out / "aim_tune.md").write_text(tune_report(result, facts), "utf-8")
+
+
+def _scored_by(result: TuneResult) -> str:
+    parts = []
+    if result.base_losses:
+        parts.append(
+            f"held-out loss (mean token NLL, nats) on {', '.join(result.base_losses)}"
+        )
+    if result.lm_eval_metrics:
+        parts.append(f"lm-evaluation-harness {', '.join(result.lm_eval_metrics)}")
+    return " and ".join(parts)

@@ -8,11 +8,13 @@ text (:func:`evaluate_loss`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -258,3 +260,98 @@ def load_model(path: str, *, device: str = "cpu", dtype: str = "auto") -> Any:
             f"({type(error).__name__}: {error})"
         ) from error
     return model.eval()
+
+
+# --------------------------------------------------------------------------
+# Scores: what ``tune`` compares candidates by
+
+
+@dataclass(frozen=True)
+class Score:
+    """One metric of one model: an ``--eval`` set's loss (named as the set) or
+    an lm-evaluation-harness metric (named ``TASK/METRIC``).
+
+    ``stderr`` is the standard error of ``value`` (``None`` where the source
+    gives none); ``higher_is_better`` gives the metric's direction.
+    """
+
+    name: str
+    value: float
+    stderr: float | None
+    higher_is_better: bool
+
+    def gain(self, reference: Score) -> float:
+        """How much better this is than ``reference``, in the metric's units
+        (negative: worse), whatever the metric's direction."""
+        sign = 1.0 if self.higher_is_better else -1.0
+        return sign * (self.value - reference.value)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "value": self.value,
+            "stderr": self.stderr,
+            "higher_is_better": self.higher_is_better,
+        }
+
+
+class Scorer(Protocol):
+    """Scores a loaded causal LM; ``metrics`` (name → higher is better) is
+    known before any model is scored, so settings can be checked up front."""
+
+    metrics: dict[str, bool]
+
+    def score(self, model: Any) -> dict[str, Score]: ...
+
+
+class LossSets:
+    """The ``--eval`` sets: one :class:`Score` per set, its held-out loss
+    (mean token NLL, as :func:`evaluate_loss`; lower is better).
+
+    The standard error treats each window as a cluster of tokens: the loss is
+    a ratio of sums over windows, and its error comes from how the windows'
+    mean NLLs spread (weighted by their token counts).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        evals: Mapping[str, Sequence[str]],
+        *,
+        seq_len: int = 512,
+        batch_size: int = 4,
+    ):
+        check_eval_settings(seq_len, batch_size)
+        self.windows = {
+            name: token_windows(tokenizer, texts, seq_len)
+            for name, texts in evals.items()
+        }
+        self.tokens = {
+            name: sum(len(w) - 1 for w in ws) for name, ws in self.windows.items()
+        }
+        self.batch_size = batch_size
+        self.pad_id = pad_token_id(tokenizer)
+        self.metrics = {name: False for name in self.windows}
+
+    def score(self, model: Any) -> dict[str, Score]:
+        scores = {}
+        for name, windows in self.windows.items():
+            per_window = window_nll(model, windows, self.batch_size, self.pad_id)
+            value, stderr = clustered_mean(per_window)
+            scores[name] = Score(name, value, stderr, higher_is_better=False)
+        return scores
+
+
+def clustered_mean(sums_counts: Sequence[tuple[float, int]]) -> tuple[float, float]:
+    """(Σ sums / Σ counts, its standard error over the clusters).
+
+    The ratio estimator's linearised variance, ``n/(n−1) · Σ (s_i − m·c_i)² /
+    (Σ c_i)²``; 0 for a single cluster (no spread to measure).
+    """
+    total = sum(s for s, _ in sums_counts)
+    count = sum(c for _, c in sums_counts)
+    mean = total / count
+    n = len(sums_counts)
+    if n < 2:
+        return mean, 0.0
+    spread = sum((s - mean * c) ** 2 for s, c in sums_counts)
+    return mean, math.sqrt(n / (n - 1) * spread) / count

@@ -11,13 +11,24 @@ the winner.
 **Loss.** Mean next-token negative log-likelihood (nats) over every predicted
 token of every text: see :func:`evaluate_loss`.
 
-**Objective** (lower is better): the mean over eval sets of the relative loss
-change against the base model, ``(L(ω) − L_base) / L_base``. Relative changes
-keep an eval set with a large loss from outweighing the others. The lowest
-objective wins; an exact tie goes to the candidate closer to the plain merge
-(larger ω). ω = 1, the plain merge, is always a candidate, so the choice is
-never worse than the plain merge on the eval data (which is also why the eval
-data must be held out from anything the choice is later judged on).
+**Metrics.** Every scorer gives :class:`~mergekit_aim.tuning.evaluation.Score` s
+(value, standard error, direction): the ``--eval`` sets' losses, and with
+``lm_eval`` the harness's metrics (:mod:`~mergekit_aim.tuning.harness`).
+
+**The choice** (:func:`choose`, one function over metrics). Skill floors
+(``keep``: metric → tolerance) make a candidate ineligible when it is more than
+the tolerance worse than the plain merge on a kept metric; the plain merge is
+always eligible. Among eligible candidates the best general objective wins;
+an exact tie goes to the candidate closer to the plain merge (larger ω). The
+default objective (``loss``, lower is better) is the mean over eval sets of
+the relative loss change against the base model, ``(L(ω) − L_base) /
+L_base``: relative changes keep an eval set with a large loss from outweighing
+the others; any one metric can be the objective instead. ω = 1, the plain
+merge, is always a candidate, so the choice is never worse than the plain
+merge on the tuning data on the objective or a kept skill (which is also why
+that data must be held out from anything the choice is later judged on).
+:func:`within_stderr` says when the pick's lead over the plain merge is
+smaller than their combined standard error.
 
 **Split ω** (``split_attention_mlp``): one ω for the MLP (feed-forward)
 weights, tensors whose name has an ``mlp``, ``feed_forward``, ``ffn`` or
@@ -34,6 +45,7 @@ import itertools
 import logging
 import math
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,12 +65,11 @@ from mergekit_aim.selection import (
     split_omega,
 )
 from mergekit_aim.tuning.evaluation import (
+    LossSets,
+    Score,
     check_eval_settings,
     load_model,
     load_tokenizer,
-    pad_token_id,
-    sum_nll,
-    token_windows,
 )
 
 LOG = logging.getLogger(__name__)
@@ -139,18 +150,167 @@ def candidate_tensors(
 
 
 # --------------------------------------------------------------------------
+# The choice: skill floors, then the general objective
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the pick is made by: the general ``objective`` (``LOSS`` or a
+    metric's name) and the skill floors ``keep`` (metric → tolerance, in the
+    metric's units)."""
+
+    objective: str = "loss"
+    keep: Mapping[str, float] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        what = OBJECTIVE if self.objective == LOSS else self.objective
+        if not self.keep:
+            return what
+        floors = ", ".join(f"{m} within {t:g} of plain" for m, t in self.keep.items())
+        return f"{what}; eligible: the plain merge and candidates with {floors}"
+
+
+LOSS = "loss"
+
+
+def parse_keep(specs: Iterable[str]) -> dict[str, float]:
+    """``["math/acc=0.02", "code"]`` → ``{"math/acc": 0.02, "code": 0.0}``."""
+    keep: dict[str, float] = {}
+    for spec in specs:
+        name, sep, tolerance = spec.partition("=")
+        name = name.strip()
+        try:
+            value = float(tolerance) if sep else 0.0
+        except ValueError:
+            value = math.nan
+        if not name or not math.isfinite(value) or value < 0:
+            raise AimConfigError(
+                f"--keep {spec!r}: expected METRIC[=TOLERANCE] with a tolerance "
+                f">= 0, e.g. --keep math/exact_match=0.02"
+            )
+        if name in keep:
+            raise AimConfigError(f"--keep: {name!r} is given twice")
+        keep[name] = value
+    return keep
+
+
+def resolve_choice(
+    metrics: Mapping[str, bool],
+    loss_sets: Sequence[str],
+    objective: str | None = None,
+    keep: Mapping[str, float] | None = None,
+) -> Choice:
+    """Check ``objective`` and ``keep`` against the metrics the scorers give
+    (``metrics``: name → higher is better; ``loss_sets``: the ``--eval``
+    names) and name them fully; refuses a missing, unknown or ambiguous one.
+
+    A metric is named exactly, or by its lm-eval task alone when the task has
+    one metric. The objective defaults to ``loss`` (the ``--eval`` sets'
+    relative loss change) when there are eval sets, else to the one metric.
+    """
+    if objective is None:
+        if loss_sets:
+            objective = LOSS
+        elif len(metrics) == 1:
+            objective = next(iter(metrics))
+        else:
+            raise AimConfigError(
+                f"--objective: name the metric to pick ω by, one of "
+                f"{', '.join(sorted(metrics))} (or give --eval sets)"
+            )
+    elif objective == LOSS and not loss_sets:
+        raise AimConfigError("--objective loss needs at least one --eval set")
+    if objective != LOSS:
+        objective = _metric(objective, metrics, "--objective")
+    floors = {
+        _metric(name, metrics, "--keep"): float(tol)
+        for name, tol in (keep or {}).items()
+    }
+    return Choice(objective, floors)
+
+
+def _metric(name: str, metrics: Mapping[str, bool], option: str) -> str:
+    if name in metrics:
+        return name
+    of_task = [m for m in metrics if m.split("/", 1)[0] == name and "/" in m]
+    if len(of_task) == 1:
+        return of_task[0]
+    known = ", ".join(sorted(metrics)) or "none"
+    if of_task:
+        raise AimConfigError(
+            f"{option} {name!r}: the task has several metrics; name one of "
+            f"{', '.join(sorted(of_task))}"
+        )
+    raise AimConfigError(
+        f"{option} {name!r}: not a metric of this run (the --eval sets and the "
+        f"--lm-eval tasks' metrics: {known})"
+    )
+
+
+def choose(rows: Sequence[TuneRow], choice: Choice) -> TuneRow:
+    """The pick, marking every row's eligibility.
+
+    Eligible: the plain merge, and every candidate that falls no more than
+    its tolerance below the plain merge on each kept metric (direction-aware;
+    a candidate whose kept metric is not a number is not eligible). Among
+    eligible candidates the best objective wins (a non-finite one never); an
+    exact tie goes to the candidate closer to the plain merge (larger ω).
+    """
+    plain = next(row for row in rows if row.is_plain)
+    for row in rows:
+        row.excluded_by = (
+            []
+            if row.is_plain
+            else [
+                metric
+                for metric, tolerance in choice.keep.items()
+                if not row.scores[metric].gain(plain.scores[metric]) >= -tolerance
+            ]
+        )
+
+    def key(row: TuneRow) -> tuple[float, float, float]:
+        gain = row.objective_score.gain(plain.objective_score)
+        return (
+            gain if math.isfinite(gain) else -math.inf,
+            row.omega_attention + row.omega_mlp,
+            row.omega_attention,
+        )
+
+    return max((row for row in rows if row.eligible), key=key)
+
+
+def within_stderr(chosen: TuneRow, plain: TuneRow) -> bool | None:
+    """Whether ``chosen``'s lead over ``plain`` on the objective is smaller
+    than their combined standard error (``None``: no error to compare with)."""
+    if chosen is plain or chosen.is_plain:
+        return False
+    a, b = chosen.objective_score.stderr, plain.objective_score.stderr
+    if a is None or b is None:
+        return None
+    return chosen.objective_score.gain(plain.objective_score) < math.hypot(a, b)
+
+
+# --------------------------------------------------------------------------
 # Results
 
 
 @dataclass
 class TuneRow:
-    """One candidate: its ω, its loss per eval set and its objective."""
+    """One candidate: its ω, its loss per eval set, every metric it was
+    scored by (``scores``: the eval sets' losses and the lm-eval metrics), its
+    objective, whether the skill floors let it be picked, and the seconds
+    spent relaxing it in place and scoring it."""
 
     omega_attention: float
     omega_mlp: float
     losses: dict[str, float]
     objective: float
     split: bool = False
+    scores: dict[str, Score] = field(default_factory=dict)
+    objective_score: Score | None = None
+    excluded_by: list[str] = field(default_factory=list)
+    relax_s: float = 0.0
+    score_s: float = 0.0
 
     @property
     def omega(self) -> float | tuple[float, float]:
@@ -168,6 +328,10 @@ class TuneRow:
     def is_plain(self) -> bool:
         return self.omega_attention >= 1.0 and self.omega_mlp >= 1.0
 
+    @property
+    def eligible(self) -> bool:
+        return self.is_plain or not self.excluded_by
+
     def label(self) -> str:
         if self.split:
             return f"{self.omega_attention:g} / {self.omega_mlp:g}"
@@ -180,6 +344,14 @@ class TuneRow:
             "omega_setting": setting_json(self.setting),
             "losses": self.losses,
             "objective": self.objective,
+            "objective_stderr": (
+                None if self.objective_score is None else self.objective_score.stderr
+            ),
+            "metrics": {name: s.to_json() for name, s in self.scores.items()},
+            "eligible": self.eligible,
+            "excluded_by": self.excluded_by,
+            "relax_s": self.relax_s,
+            "score_s": self.score_s,
         }
 
 
@@ -193,57 +365,113 @@ class TuneResult:
     split_attention_mlp: bool = False
     tokens: dict[str, int] = field(default_factory=dict)
     model_dir: Path | None = None
+    choice: Choice = field(default_factory=Choice)
+    lm_eval_metrics: list[str] = field(default_factory=list)
+    within_stderr: bool | None = False
+
+    @property
+    def plain(self) -> TuneRow:
+        return next(row for row in self.rows if row.is_plain)
+
+    def timing(self) -> dict[str, float]:
+        """Mean seconds per candidate relaxing in place and scoring, and
+        their ratio."""
+        relax = sum(r.relax_s for r in self.rows) / len(self.rows)
+        score = sum(r.score_s for r in self.rows) / len(self.rows)
+        return {
+            "relax_s": relax,
+            "score_s": score,
+            "relax_over_score": relax / score if score > 0 else math.nan,
+        }
 
     def to_markdown(self) -> str:
-        """The table as GitHub markdown: losses in nats, objective in percent."""
+        """The table as GitHub markdown: losses in nats, lm-eval metrics with
+        their standard error, the objective (percent for ``loss``), and why
+        a candidate was not eligible; a note under it when the pick's lead
+        lies within the standard error."""
         names = list(self.base_losses)
+        metrics = self.lm_eval_metrics
+        loss_objective = self.choice.objective == LOSS
         omega = "ω (other / MLP)" if self.split_attention_mlp else "ω"
-        header = [omega, *names, "objective", ""]
+        header = [omega, *names, *metrics, "objective", ""]
+        base = ["base", *(f"{self.base_losses[n]:.4f}" for n in names)]
         lines = [
             "| " + " | ".join(header) + " |",
-            "|" + "|".join(["---"] + ["---:"] * (len(names) + 1) + ["---"]) + "|",
-            "| "
-            + " | ".join(
-                ["base", *(f"{self.base_losses[n]:.4f}" for n in names), "", ""]
-            )
-            + " |",
+            "|"
+            + "|".join(["---"] + ["---:"] * (len(names) + len(metrics) + 1) + ["---"])
+            + "|",
         ]
+        if names:  # the base model is scored on the --eval sets only
+            lines.append(
+                "| " + " | ".join([*base, *([""] * len(metrics)), "", ""]) + " |"
+            )
         for row in self.rows:
             label = row.label() + (" (plain)" if row.is_plain else "")
-            mark = "**chosen**" if row is self.chosen else ""
             cells = [f"{row.losses[n]:.4f}" for n in names]
-            lines.append(
-                "| "
-                + " | ".join([label, *cells, f"{100 * row.objective:+.3f}%", mark])
-                + " |"
+            cells += [_with_stderr(row.scores[m]) for m in metrics]
+            objective = (
+                f"{100 * row.objective:+.3f}%"
+                if loss_objective
+                else _with_stderr(row.objective_score)
             )
+            lines.append(
+                "| " + " | ".join([label, *cells, objective, self._mark(row)]) + " |"
+            )
+        if self.within_stderr:
+            gain = self.chosen.objective_score.gain(self.plain.objective_score)
+            lines += [
+                "",
+                f"The pick's lead over the plain merge on the objective "
+                f"({abs(gain):.4g}) is within their combined standard error: "
+                f"on this data it is not distinguishable from the plain merge.",
+            ]
         return "\n".join(lines)
+
+    def _mark(self, row: TuneRow) -> str:
+        if row is self.chosen:
+            return "**chosen** (within stderr)" if self.within_stderr else "**chosen**"
+        if not row.eligible:
+            plain = self.plain
+            return "ineligible: " + ", ".join(
+                f"{m} {row.scores[m].gain(plain.scores[m]):+.4g}"
+                for m in row.excluded_by
+            )
+        return ""
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "objective": OBJECTIVE,
+            "objective": self.choice.describe(),
+            "objective_metric": self.choice.objective,
+            "keep": dict(self.choice.keep),
+            "within_stderr": self.within_stderr,
             "split_attention_mlp": self.split_attention_mlp,
             "base_losses": self.base_losses,
             "tokens": self.tokens,
+            "lm_eval_metrics": self.lm_eval_metrics,
+            "timing": self.timing(),
             "rows": [row.to_json() for row in self.rows],
             "chosen": self.chosen.to_json(),
             "model": None if self.model_dir is None else str(self.model_dir),
         }
 
 
-def _objective(losses: Mapping[str, float], base_losses: Mapping[str, float]) -> float:
-    changes = [(losses[n] - base_losses[n]) / base_losses[n] for n in base_losses]
-    return sum(changes) / len(changes)
+def _with_stderr(score: Score) -> str:
+    if score.stderr is None:
+        return f"{score.value:.4f}"
+    return f"{score.value:.4f} ± {score.stderr:.4f}"
 
 
-def _choose(rows: Sequence[TuneRow]) -> TuneRow:
-    # A non-finite objective (a candidate that diverged) never wins; among
-    # equal objectives the candidate closest to the plain merge does.
-    def key(row: TuneRow) -> tuple[float, float, float]:
-        objective = row.objective if math.isfinite(row.objective) else math.inf
-        return (objective, -(row.omega_attention + row.omega_mlp), -row.omega_attention)
-
-    return min(rows, key=key)
+def _loss_objective(
+    scores: Mapping[str, Score], base_losses: Mapping[str, float]
+) -> Score:
+    """The default objective: the mean over eval sets of the relative loss
+    change against the base (lower is better), its error propagated from
+    each set's (the sets taken as independent)."""
+    changes = [(scores[n].value - base_losses[n]) / base_losses[n] for n in base_losses]
+    errors = [(scores[n].stderr or 0.0) / base_losses[n] for n in base_losses]
+    value = sum(changes) / len(changes)
+    stderr = math.sqrt(sum(e * e for e in errors)) / len(errors)
+    return Score(LOSS, value, stderr, higher_is_better=False)
 
 
 # --------------------------------------------------------------------------
@@ -264,25 +492,42 @@ def tune_merged(
     base_losses: Mapping[str, float] | None = None,
     dtype: str = "auto",
     exclude: Iterable[str] = (),
+    lm_eval: Any = None,
+    objective: str | None = None,
+    keep: Mapping[str, float] | None = None,
 ) -> TuneResult:
-    """Score ``relax(merged, ω)`` for every candidate ω on every eval set.
+    """Score ``relax(merged, ω)`` for every candidate ω and pick one.
 
     ``base`` and ``merged`` are safetensors checkpoint directories (``merged``
     a merge of ``base``); ``importance`` an artifact of ``base`` (a map, or a
-    path or Hub repo). ``evals`` maps a name to its texts. The merged model is
-    loaded once; each candidate's relaxed tensors are written into it in
-    memory (nothing is written to disk). ``base_losses`` (per eval name)
-    skips evaluating the base model. ``exclude``: regexes of tensor names to
-    leave at the merged value, like ``aim.exclude``. Memory: the model plus
-    CPU copies (storage dtype) of the base and merged relaxable tensors;
-    candidates are relaxed on the CPU, as ``relax_checkpoint`` does, so that
-    the written pick is bit for bit the candidate that was scored.
+    path or Hub repo). ``evals`` maps a name to its texts (held-out loss; may
+    be empty when ``lm_eval`` is given). ``lm_eval``: an
+    :class:`~mergekit_aim.tuning.harness.LmEvalTasks` whose metrics every
+    candidate is also scored by. ``objective`` and ``keep`` say how the pick
+    is made (see :func:`resolve_choice` and :func:`choose`).
+
+    The merged model is loaded once; each candidate's relaxed tensors are
+    computed from the plain merge's and the base's tensors and written into
+    it in place, and the model is scored as it is (nothing is written to disk
+    or reloaded). ``base_losses`` (per eval name) skips evaluating the base
+    model. ``exclude``: regexes of tensor names to leave at the merged value,
+    like ``aim.exclude``. Memory: the model plus CPU copies (storage dtype) of
+    the base and merged relaxable tensors; candidates are relaxed on the CPU,
+    as ``relax_checkpoint`` does, so that the written pick is bit for bit the
+    candidate that was scored.
     """
     from mergekit_aim.checkpoint import read_checkpoint
 
     grid = omega_grid(omegas, split_attention_mlp)
     check_eval_settings(seq_len, batch_size)
-    evals = _check_evals(evals)
+    evals = _check_evals(evals, allow_empty=lm_eval is not None)
+    metrics = {name: False for name in evals}
+    if lm_eval is not None:
+        clash = sorted(set(evals) & set(lm_eval.metrics))
+        if clash:
+            raise AimConfigError(f"--eval names {clash} are also lm-eval metrics")
+        metrics.update(lm_eval.metrics)
+    choice = resolve_choice(metrics, list(evals), objective, keep)
     imap = _importance_map(importance)
     base, merged = str(base), str(merged)
     base_ckpt, merged_ckpt = read_checkpoint(base), read_checkpoint(merged)
@@ -308,25 +553,20 @@ def tune_merged(
         )
 
     tokenizer = load_tokenizer(merged if _has_tokenizer(merged) else base)
-    windows = {
-        n: token_windows(tokenizer, texts, seq_len) for n, texts in evals.items()
-    }
-    tokens = {n: sum(len(w) - 1 for w in ws) for n, ws in windows.items()}
-    pad_id = pad_token_id(tokenizer)
+    losses_of = LossSets(tokenizer, evals, seq_len=seq_len, batch_size=batch_size)
 
-    def score(model: Any) -> dict[str, float]:
-        losses = {}
-        for name, ws in windows.items():
-            total, count = sum_nll(model, ws, batch_size, pad_id)
-            losses[name] = total / count
-        return losses
+    def score(model: Any) -> dict[str, Score]:
+        scores = losses_of.score(model)
+        if lm_eval is not None:
+            scores.update(lm_eval.score(model, tokenizer))
+        return scores
 
-    if base_losses is None:
+    if base_losses is None and evals:
         base_model = load_model(base, device=device, dtype=dtype)
-        base_losses = score(base_model)
+        base_losses = {n: s.value for n, s in losses_of.score(base_model).items()}
         del base_model
         LOG.info("tune: base losses %s", _rounded(base_losses))
-    base_losses = {n: float(base_losses[n]) for n in evals}
+    base_losses = {n: float(base_losses[n]) for n in evals} if evals else {}
     for name, value in base_losses.items():
         if not math.isfinite(value) or value <= 0:
             raise AimConfigError(
@@ -340,39 +580,74 @@ def tune_merged(
     merged_tensors = _read_tensors(merged_ckpt, names)
     rows = []
     for omega_attention, omega_mlp in grid:
+        started = time.perf_counter()
         tensors = candidate_tensors(
             base_tensors, merged_tensors, imap, omega_attention, omega_mlp, keys
         )
         with torch.no_grad():
             for name, tensor in tensors.items():
                 params[name].copy_(tensor)
-        losses = score(model)
+        _synchronize(model)
+        relaxed = time.perf_counter()
+        scores = score(model)
+        _synchronize(model)
+        scored = time.perf_counter()
+        objective_score = (
+            _loss_objective(scores, base_losses)
+            if choice.objective == LOSS
+            else scores[choice.objective]
+        )
         row = TuneRow(
             omega_attention,
             omega_mlp,
-            losses,
-            _objective(losses, base_losses),
+            {n: scores[n].value for n in evals},
+            objective_score.value,
             split=split_attention_mlp,
+            scores=scores,
+            objective_score=objective_score,
+            relax_s=relaxed - started,
+            score_s=scored - relaxed,
         )
         rows.append(row)
         LOG.info(
-            "tune: ω %s: losses %s, objective %+.3f%%",
+            "tune: ω %s: %s, objective %.4g (relax %.2f s, score %.2f s)",
             row.label(),
-            _rounded(losses),
-            100 * row.objective,
+            {n: round(s.value, 4) for n, s in scores.items()},
+            row.objective,
+            row.relax_s,
+            row.score_s,
         )
-    chosen = _choose(rows)
-    LOG.info("tune: chose ω %s", chosen.label())
-    return TuneResult(
+    chosen = choose(rows, choice)
+    result = TuneResult(
         rows,
         base_losses,
         chosen,
         split_attention_mlp=split_attention_mlp,
-        tokens=tokens,
+        tokens=losses_of.tokens,
+        choice=choice,
+        lm_eval_metrics=[] if lm_eval is None else list(lm_eval.metrics),
     )
+    result.within_stderr = within_stderr(chosen, result.plain)
+    LOG.info(
+        "tune: chose ω %s%s",
+        chosen.label(),
+        " (its lead over plain is within the stderr)" if result.within_stderr else "",
+    )
+    return result
 
 
-def _check_evals(evals: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+def _synchronize(model: Any) -> None:
+    # Timings of work queued on a GPU are only true once it has finished.
+    device = model.get_input_embeddings().weight.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _check_evals(
+    evals: Mapping[str, Sequence[str]], allow_empty: bool = False
+) -> dict[str, list[str]]:
+    if allow_empty and isinstance(evals, Mapping) and not evals:
+        return {}
     if not isinstance(evals, Mapping) or not evals:
         raise AimConfigError("evals must map at least one eval-set name to its texts")
     checked = {}

@@ -453,3 +453,51 @@ def test_tune_picks_an_omega_and_writes_it(merges, smollm2, builtin_artifact, wo
     if omega == OMEGA:
         aim = load_dir(merges["aim"])
         assert all(torch.equal(written[n], aim[n]) for n in aim)
+
+
+def test_tune_scores_lm_eval_tasks_in_memory(merges, builtin_artifact, work):
+    """``--lm-eval`` on SmolLM2: the quality benchmark's task YAMLs on
+    generated data, offline, every candidate scored on the model in memory,
+    a skill floor on exact match and the general objective on bits per byte."""
+    pytest.importorskip("lm_eval")
+    from benchmarks.quality.lm_eval_tasks import __main__ as tasks
+
+    data = work / "lm-eval-data"
+    tasks.main(["--smoke", "--out", str(data)])
+    out = work / "tuned-lm-eval"
+    result = run_command(
+        "mergekit-aim",
+        "tune",
+        merges["plain_config"],
+        "--importance",
+        builtin_artifact,
+        "--lm-eval",
+        "aim_math_validation,aim_general_validation",
+        "--lm-eval-include-path",
+        Path(tasks.__file__).parent,
+        "--lm-eval-limit",
+        4,
+        "--objective",
+        "aim_general_validation/bits_per_byte",
+        "--keep",
+        "aim_math_validation=0.25",
+        "--omega",
+        "0",
+        "--quiet",
+        out,
+        MERGEKIT_AIM_LM_EVAL_DATA=str(data),
+        HF_DATASETS_OFFLINE="1",
+    )
+    assert "aim_general_validation/bits_per_byte" in result.stdout
+    report = json.loads((out / "aim_tune.json").read_text())
+    rows = report["rows"]
+    assert [r["omega_attention"] for r in rows] == [0.0, 1.0]
+    for row in rows:
+        bpb = row["metrics"]["aim_general_validation/bits_per_byte"]
+        assert 0 < bpb["value"] < 10 and bpb["higher_is_better"] is False
+        assert row["metrics"]["aim_math_validation/exact_match"]["stderr"] is not None
+    assert rows[0]["metrics"] != rows[1]["metrics"]  # ω = 0 really is another model
+    eligible = [r for r in rows if r["eligible"]]
+    best = min(eligible, key=lambda r: (r["objective"], -r["omega_attention"]))
+    assert report["chosen"]["omega_attention"] == best["omega_attention"]
+    assert report["timing"]["relax_s"] > 0 and report["timing"]["score_s"] > 0
