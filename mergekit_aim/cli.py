@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import get_args
@@ -35,18 +36,25 @@ class _AimGroup(click.Group):
     def invoke(self, ctx: click.Context):
         from mergekit_aim.output import Terminated, terminate_as_interrupt
 
+        received: list[int] = []
         try:
-            with terminate_as_interrupt():
+            with terminate_as_interrupt() as received:
                 return super().invoke(ctx)
-        except AimError as error:
-            click.echo(f"error: {error}", err=True)
-            sys.exit(2)
-        except Terminated:
-            click.echo("error: terminated (SIGTERM)", err=True)
-            sys.exit(143)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
-            sys.exit(130)
+        except (SystemExit, click.exceptions.Exit):
+            raise
+        except BaseException as error:
+            if received or isinstance(error, KeyboardInterrupt):
+                # Whatever the signal's exception surfaced as (see
+                # terminate_as_interrupt), the run was stopped; cleanup has run.
+                if signal.SIGTERM in received or isinstance(error, Terminated):
+                    click.echo("error: terminated (SIGTERM)", err=True)
+                    sys.exit(143)
+                click.echo("error: interrupted", err=True)
+                sys.exit(130)
+            if isinstance(error, AimError):
+                click.echo(f"error: {error}", err=True)
+                sys.exit(2)
+            raise
 
 
 @click.group(cls=_AimGroup)

@@ -258,21 +258,35 @@ def remove_tree(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
+def terminate_as_interrupt() -> Iterator[list[int]]:
     """Inside the block, SIGTERM raises :class:`Terminated` (a
     KeyboardInterrupt), so that cleanup runs as it does on Ctrl-C; a second
-    SIGTERM is ignored while that cleanup runs. The previous handler is
-    restored afterwards. A no-op outside the main thread."""
+    SIGTERM is ignored while that cleanup runs. The previous handlers are
+    restored afterwards. A no-op outside the main thread.
+
+    Yields the list of signals received in the block. The exception a signal
+    raises can surface as another one when it arrives inside a library's
+    native code (safetensors turns it into a ``ValueError`` mid-read), so the
+    caller asks this list, not the exception's type, whether it was stopped.
+    """
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
 
-    def handler(signum, frame):
+    def on_term(signum, frame):
+        received.append(signum)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Terminated()
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    def on_int(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt()
+
+    previous_term = signal.signal(signal.SIGTERM, on_term)
+    previous_int = signal.signal(signal.SIGINT, on_int)
     try:
-        yield
+        yield received
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)

@@ -350,3 +350,34 @@ def test_demo_stages_its_output_and_leaves_nothing_on_failure(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-out"]
     report = (out / "results.json").read_text()
     assert output.PARTIAL not in report and str(out) in report
+
+
+@pytest.mark.parametrize(
+    "signum, status, line",
+    [(2, 130, "error: interrupted"), (15, 143, "error: terminated (SIGTERM)")],
+)
+def test_a_signal_that_surfaces_as_another_error_still_reads_as_a_stop(
+    family, artifact, tmp_path, monkeypatch, signum, status, line
+):
+    # A signal arriving inside native code (safetensors reading a tensor) can
+    # surface as a ValueError; the command still reports the stop, not a
+    # traceback, and leaves nothing behind.
+    import signal as signals
+    import time
+
+    from mergekit_aim import offline
+
+    def read_interrupted(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signum)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise ValueError("could not determine the shape of object") from None
+
+    monkeypatch.setattr(offline, "write_relaxed", read_interrupted)
+    out = tmp_path / "out"
+    result = invoke(*relax_args(family, artifact, out))
+    assert result.exit_code == status, (result.output, result.exception)
+    assert result.stderr.strip() == line
+    assert not out.exists() and leftovers(tmp_path) == []
+    assert signals.getsignal(signals.SIGINT) is signals.default_int_handler
