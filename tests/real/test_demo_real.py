@@ -80,3 +80,23 @@ def test_missing_base_says_how_to_get_it(tmp_path, monkeypatch):
     with pytest.raises(AimConfigError, match="make real-models") as error:
         real.find_base()
     assert "--toy" in str(error.value) and str(tmp_path) in str(error.value)
+
+
+def test_the_command_stages_its_output_and_names_it(
+    result, smollm2, tmp_path, monkeypatch, capsys
+):
+    # The command's path (mergekit_aim.demo.main): written beside OUT and moved
+    # into it, reports and the returned paths naming OUT; experts from the cache
+    # the fixture filled.
+    from mergekit_aim import demo
+    from mergekit_aim.output import PARTIAL
+
+    monkeypatch.setattr(real, "DEFAULT", TINY)
+    out = tmp_path / "demo-out"
+    ran = demo.main(out, base=smollm2, seed=TINY.seed)
+    assert ran.out_dir == out and ran.models[real.TIES_AIM].parent == out / "models"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-out"]
+    for report in ("results.md", "results.json"):
+        text = (out / report).read_text()
+        assert PARTIAL not in text
+    assert PARTIAL not in capsys.readouterr().out
