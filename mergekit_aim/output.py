@@ -162,22 +162,8 @@ def staged_file(target: str | os.PathLike, needed: int | None = None) -> Iterato
     """Yield a temporary path beside ``target``; rename it to ``target`` when
     the block succeeds, remove it when the block raises (anything, Ctrl-C
     included). ``needed`` bytes, when given, are checked first."""
-    target = Path(target)
-    check_target(target, directory=False)
-    if needed is not None:
-        check_space(target, needed)
-    created = _make_parents(target)
-    remove_stale(target)
-    partial = partial_path(target)
-    try:
-        with no_space_as_error(target):
-            yield partial
-        os.replace(partial, target)
-        created = None
-    finally:
-        _remove(partial)
-        if created is not None:
-            _remove(created)
+    with _staged(Path(target), needed, directory=False) as partial:
+        yield partial
 
 
 @contextlib.contextmanager
@@ -192,21 +178,34 @@ def staged_directory(
     earlier output overwrites it). When the block raises, it is removed and
     ``target`` is as it was. ``needed`` bytes, when given, are checked first.
     """
-    target = Path(target)
-    check_target(target, directory=True)
+    with _staged(Path(target), needed, directory=True) as stage:
+        yield stage
+
+
+@contextlib.contextmanager
+def _staged(target: Path, needed: int | None, *, directory: bool) -> Iterator[Path]:
+    """What both staged forms share: checks first, stale temporaries swept,
+    the temporary committed on success (renamed, or for a directory merged
+    into an existing ``target``) and removed, with any parents this call
+    created, otherwise."""
+    check_target(target, directory=directory)
     if needed is not None:
         check_space(target, needed)
     created = _make_parents(target)
     remove_stale(target)
-    stage = partial_path(target)
-    stage.mkdir()
+    partial = partial_path(target)
+    if directory:
+        partial.mkdir()
     try:
         with no_space_as_error(target):
-            yield stage
-        _commit(stage, target)
+            yield partial
+        if directory:
+            _commit(partial, target)
+        else:
+            os.replace(partial, target)
         created = None
     finally:
-        _remove(stage)
+        _remove(partial)
         if created is not None:
             _remove(created)
 

@@ -34,27 +34,34 @@ def main(
 
     out_dir = Path(out_dir)
     if toy:
-        from mergekit_aim.demo import toy as demo
+        from mergekit_aim.demo import toy as module
 
-        with staged_directory(out_dir) as stage:
-            result = demo.run_demo(stage, quick=quick, seed=seed)
-            _name_final_directory(stage, out_dir)
-        result = _moved(result, stage, out_dir)
-        print(demo.report(result))
-        print(f"Wrote {out_dir}/results.md and {out_dir}/results.json.")
-        return result
-    from mergekit_aim.demo import real
+        needed = None  # tiny models: a few MB
 
-    settings = (
-        real.DEFAULT if seed == real.DEFAULT.seed else real.RealSettings(seed=seed)
-    )
-    # Two merged models of the base's size, and the small reports.
-    weights = sum(p.stat().st_size for p in real.find_base(base).glob("*.safetensors"))
-    with staged_directory(out_dir, 2 * weights + 2**20) as stage:
-        result = real.run_real_demo(stage, base=base, settings=settings)
+        def run(stage: Path) -> DemoResult:
+            return module.run_demo(stage, quick=quick, seed=seed)
+
+    else:
+        from mergekit_aim.demo import real as module
+
+        settings = (
+            module.DEFAULT
+            if seed == module.DEFAULT.seed
+            else module.RealSettings(seed=seed)
+        )
+        # Two merged models of the base's size, and the small reports.
+        base_dir = module.find_base(base)
+        needed = 2 * sum(p.stat().st_size for p in base_dir.glob("*.safetensors"))
+        needed += 2**20
+
+        def run(stage: Path) -> DemoResult:
+            return module.run_real_demo(stage, base=base, settings=settings)
+
+    with staged_directory(out_dir, needed) as stage:
+        result = run(stage)
         _name_final_directory(stage, out_dir)
     result = _moved(result, stage, out_dir)
-    print(real.report(result))
+    print(module.report(result))
     print(f"Wrote {out_dir}/results.md and {out_dir}/results.json.")
     return result
 

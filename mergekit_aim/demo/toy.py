@@ -252,12 +252,14 @@ def run_demo(
         timings=watch.timings,
     )
     (out_dir / "results.json").write_text(json.dumps(result.to_json(), indent=2))
-    (out_dir / "results.md").write_text(_report(result))
+    (out_dir / "results.md").write_text(report(result))
     LOG.info("demo: finished in %.1f s; results in %s", result.seconds, out_dir)
     return result
 
 
-def _report(result: DemoResult) -> str:
+def report(result: DemoResult) -> str:
+    """The table and its explanation, as results.md holds it and the command
+    prints it."""
     s = result.settings
     return (
         "# mergekit-aim demo\n\n"
@@ -269,18 +271,3 @@ def _report(result: DemoResult) -> str:
         f"{result.to_markdown()}\n\n"
         f"Run time: {result.seconds:.0f} s.\n"
     )
-
-
-def report(result: DemoResult) -> str:
-    """The table and its explanation, as the command prints it."""
-    return _report(result)
-
-
-def main(
-    out_dir: Path, *, quick: bool = False, seed: int = 0, threads: int | None = 1
-) -> DemoResult:
-    """Run the demo and print its table."""
-    result = run_demo(out_dir, quick=quick, seed=seed, threads=threads)
-    print(_report(result))
-    print(f"Wrote {out_dir / 'results.md'} and {out_dir / 'results.json'}.")
-    return result

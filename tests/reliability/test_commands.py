@@ -19,13 +19,13 @@ from mergekit_aim import output
 from mergekit_aim.importance import ImportanceMap
 
 
-def relax_args(family, importance, out, *options):
+def relax_args(family, importance, out, *options, merged=None):
     return (
         "relax",
         "--base",
         family.base,
         "--merged",
-        family.finetunes[0],
+        family.finetunes[0] if merged is None else merged,
         "--importance",
         importance,
         *options,
@@ -229,17 +229,7 @@ def _broken_merge(family, root: Path, name: str, value: float) -> Path:
 def test_relax_refuses_a_merge_with_nan_or_inf(family, artifact, tmp_path, name, value):
     merged = _broken_merge(family, tmp_path, name, value)
     out = tmp_path / "out"
-    result = invoke(
-        "relax",
-        "--base",
-        family.base,
-        "--merged",
-        merged,
-        "--importance",
-        artifact,
-        "-q",
-        out,
-    )
+    result = invoke(*relax_args(family, artifact, out, merged=merged))
     one_error_line(result, f"tensor {name} of {merged}", "NaN or Inf")
     assert os.listdir(tmp_path) == ["merged"]
 
@@ -298,17 +288,7 @@ def test_model_directory_missing_shards(family, artifact, tiny_text_file, tmp_pa
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     merged = _missing_shard(Path(family.finetunes[0]), inputs)
-    result = invoke(
-        "relax",
-        "--base",
-        family.base,
-        "--merged",
-        merged,
-        "--importance",
-        artifact,
-        "-q",
-        tmp_path / "out",
-    )
+    result = invoke(*relax_args(family, artifact, tmp_path / "out", merged=merged))
     one_error_line(
         result,
         f"{merged} is missing 1 of the 2 shards",
