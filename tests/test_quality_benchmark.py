@@ -418,7 +418,10 @@ def test_real_model_settings():
     real = runner.settings_for(model="smollm2-135m")
     assert real.model == "smollm2-135m" and real.base_steps == 0
     assert set(real.methods) == {"task_arithmetic", "ties", "dare_ties"}
-    assert len(real.dare_seeds) >= 3 and real.pairs
+    assert len(real.dare_seeds) >= 2 and real.pairs
+    # judged through lm-eval, tuned with skill floors, the split ω beside it
+    assert real.scorer == "lm-eval" and real.split_omegas
+    assert dict(real.keep).keys() == set(tasks.EXPERT_TASKS)
     # the calibration split never overlaps a test text
     assert real.calibration_split == "train"
     assert real.training_key() != training.FULL.training_key()

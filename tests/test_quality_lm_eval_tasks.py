@@ -57,3 +57,43 @@ def test_missing_data_says_how_to_make_it(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV, str(tmp_path))
     with pytest.raises(FileNotFoundError, match="python -m benchmarks.quality"):
         load("math")
+
+
+def test_held_out_texts_become_bounded_documents_without_losing_text():
+    text = "x" * 1500 + "\n\npara two\n\nline a\nline b\n" + "y" * 700
+    docs = generate.documents(text, limit=600)
+    assert all(0 < len(d) <= 600 for d in docs)
+    # every character but the separators survives, in order
+    assert "".join(docs).replace("\n", "") == text.replace("\n", "")
+    assert generate.documents("short", limit=600) == ["short"]
+
+
+def test_per_document_values_add_up_to_lm_evals_aggregate(
+    tmp_path, monkeypatch, tiny_family
+):
+    """The report's paired statistics resample the per-document values; they
+    must be the very numbers lm-eval aggregates."""
+    pytest.importorskip("lm_eval")
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.quality import scoring, training
+
+    monkeypatch.setenv(ENV, str(tmp_path))
+    scoring.write_data(training.SMOKE, tmp_path)
+    family = tiny_family("llama")
+    model = AutoModelForCausalLM.from_pretrained(family.base, dtype=torch.float32)
+    harness = scoring.HarnessTasks(family.tokenizer)
+    results = harness.tasks.results(model, family.tokenizer, samples=True)
+    metrics, per_doc = harness.blocks(model)
+    data = training.build_data(training.SMOKE)
+    for task in tasks.TASKS:
+        assert len(per_doc[task]) == len(generate.rows(data, task, "test"))
+    samples = results["samples"]["aim_general"]
+    pairs = [s["bits_per_byte"] for s in samples]
+    pooled = -sum(ll for ll, _ in pairs) / (sum(n for _, n in pairs) * math.log(2))
+    assert metrics["general"] == pytest.approx(pooled, rel=1e-9)
+    per_byte = [scoring.document_value(s, "bits_per_byte") for s in samples]
+    assert sorted(per_doc["general"]) == pytest.approx(sorted(per_byte))
+    assert metrics["math"] == pytest.approx(sum(per_doc["math"]) / len(per_doc["math"]))

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.quality import merging, report, tasks, training
+from benchmarks.quality import merging, report, scoring, tasks, training
 from benchmarks.quality.metrics import (
     ExactMatchSet,
     exact_match_flags,
@@ -74,7 +74,8 @@ class Evaluator:
         }
         self.pad_id = pad_token_id(tokenizer)
 
-    def blocks(self, model: Any) -> dict[str, list[float]]:
+    def blocks(self, model: Any) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """``(metrics, per_block)``: each task's mean and its blocks' values."""
         from mergekit_aim.tuning.evaluation import window_nll
 
         detail: dict[str, list[float]] = {
@@ -84,7 +85,121 @@ class Evaluator:
         for task, windows in self.windows.items():
             per_window = window_nll(model, windows, EVAL_BATCH, self.pad_id)
             detail[task] = [total / count for total, count in per_window]
-        return {t: detail[t] for t in tasks.TASKS}
+        blocks = {t: detail[t] for t in tasks.TASKS}
+        return summarize(blocks), blocks
+
+
+def _greedy_check(
+    expert: Any,
+    tokenizer: Any,
+    task: str,
+    data: training.TaskData,
+    evaluate: Evaluator,
+    settings: training.Settings,
+) -> dict[str, list[int]]:
+    """How often real greedy decoding agrees with the one-pass verdict."""
+    checks = {}
+    for em_task in tasks.EM_TASKS:
+        items = data.test_items(em_task)[: settings.greedy_check_items]
+        greedy = greedy_exact_match(expert, tokenizer, items)
+        forced = exact_match_flags(expert, evaluate.sets[em_task])
+        agree = sum(a == b for a, b in zip(greedy, forced, strict=False))
+        checks[f"{task} expert on {em_task}"] = [agree, len(greedy)]
+    return checks
+
+
+class Variants:
+    """One merge's variants scored on the test split, each relaxed state once."""
+
+    def __init__(self, model, evaluate, base_state, merged, importance):
+        self.model, self.evaluate = model, evaluate
+        self.base_state, self.merged, self.importance = base_state, merged, importance
+        self.scored: dict[tuple[float, float], tuple] = {}
+
+    def score(self, state: Mapping[str, torch.Tensor]) -> tuple:
+        load_merged(self.model, state)
+        return self.evaluate.blocks(self.model)
+
+    def aim(self, omega: float, omega_mlp: float | None = None) -> tuple:
+        """AIM at ``omega`` (MLP tensors at ``omega_mlp``); ω = 1 is the plain merge."""
+        key = (omega, omega if omega_mlp is None else omega_mlp)
+        if key not in self.scored:
+            state = self.merged
+            if key != (1.0, 1.0):
+                state = merging.aim_state(
+                    self.base_state, self.merged, self.importance, *key
+                )
+            self.scored[key] = self.score(state)
+        return self.scored[key]
+
+
+class Tuner:
+    """ω chosen per merge by ``tune`` on the validation split (never the test
+    split). With lm-eval scoring: skill floors on the merged experts' tasks
+    (``Settings.keep``), then the best general bits per byte; with the toy's
+    teacher-forced scoring: the held-out loss objective, no floors."""
+
+    def __init__(
+        self,
+        settings: training.Settings,
+        models: training.Models,
+        importance: Any,
+        data: training.TaskData,
+        tokenizer: Any,
+        harness: bool,
+    ):
+        self.tune = _tuner()
+        self.settings, self.models, self.importance = settings, models, importance
+        self.kwargs = dict(
+            seq_len=settings.seq_len, batch_size=EVAL_BATCH, dtype=settings.eval_dtype
+        )
+        self.harness = scoring.harness("validation") if harness else None
+        self.evals = {} if harness else {t: data.validation(t) for t in tasks.TASKS}
+        self.base_losses = {
+            t: self.tune.evaluate_loss(
+                models.base, texts, tokenizer=tokenizer, **self.kwargs
+            )
+            for t, texts in self.evals.items()
+        }
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def choice(self, experts: tuple[str, ...]) -> dict[str, Any]:
+        if self.harness is None:
+            return {}
+        return {
+            "objective": scoring.metric_name("general", "validation"),
+            "keep": {
+                scoring.metric_name(t, "validation"): dict(self.settings.keep)[t]
+                for t in experts
+            },
+        }
+
+    def _run(self, spec: merging.MergeSpec, path: Path, omegas, split: bool) -> Any:
+        result = self.tune.tune_merged(
+            self.models.base,
+            path,
+            self.importance,
+            self.evals,
+            omegas,
+            split_attention_mlp=split,
+            base_losses=self.base_losses or None,
+            lm_eval=self.harness,
+            **self.choice(spec.experts),
+            **self.kwargs,
+        )
+        self.records.setdefault(spec.name, {})["split" if split else "scalar"] = (
+            result.to_json()
+        )
+        return result.chosen
+
+    def scalar(self, spec: merging.MergeSpec, path: Path) -> float:
+        return float(
+            self._run(spec, path, self.settings.tune_omegas, False).omega_attention
+        )
+
+    def split(self, spec: merging.MergeSpec, path: Path) -> tuple[float, float]:
+        chosen = self._run(spec, path, self.settings.split_omegas, True)
+        return float(chosen.omega_attention), float(chosen.omega_mlp)
 
 
 def summarize(blocks: Mapping[str, list[float]]) -> dict[str, float]:
@@ -93,23 +208,30 @@ def summarize(blocks: Mapping[str, list[float]]) -> dict[str, float]:
 
 def _row(
     variant: str,
-    blocks: Mapping[str, list[float]],
+    scored: tuple[Mapping[str, float], Mapping[str, list[float]]],
     *,
     spec: merging.MergeSpec | None = None,
     experts: tuple[str, ...] = (),
     omega: float | None = None,
+    omega_mlp: float | None = None,
 ) -> dict[str, Any]:
-    return {
+    metrics, blocks = scored
+    relaxed = omega is not None and min(omega, omega_mlp or omega) < 1
+    row = {
         "method": spec.method if spec else variant,
         "experts": list(spec.experts if spec else experts),
-        "aim": variant in ("aim", "tuned") and omega is not None and omega < 1,
+        "aim": variant in ("aim", "tuned", "tuned-split") and relaxed,
         "omega": omega,
         "seed": spec.seed if spec else None,
         "weights": spec.weights if spec else None,
         "variant": variant,
-        "metrics": summarize(blocks),
+        "metrics": dict(metrics),
         "blocks": {t: [round(v, 6) for v in values] for t, values in blocks.items()},
     }
+    if omega_mlp is not None:
+        # tuned-split: ``omega`` is every non-MLP tensor's ω, this the MLP's.
+        row["omega_mlp"] = omega_mlp
+    return row
 
 
 def _tuner() -> Any:
@@ -162,7 +284,7 @@ def run(
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
     watch = Stopwatch("quality")
     start = time.perf_counter()
-    tune = _tuner()
+    _tuner()  # fail before training when the tuner's names moved
 
     with quiet_transformers():
         with watch("data"):
@@ -176,7 +298,12 @@ def run(
 
             if model_spec(settings.model).bos_every_chunk:
                 bos = tokenizer.bos_token_id
-        evaluate = Evaluator(tokenizer, data, settings.seq_len, bos)
+        harness = settings.scorer == "lm-eval"
+        if harness:
+            scoring.write_data(settings, out_dir / "lm_eval_data")
+            evaluate: Any = scoring.HarnessTasks(tokenizer)
+        else:
+            evaluate = Evaluator(tokenizer, data, settings.seq_len, bos)
         importance = ImportanceMap.load(models.importance)
         base_state = merging.load_state(models.base)
         model = AutoModelForCausalLM.from_pretrained(models.base, dtype=eval_dtype)
@@ -188,31 +315,17 @@ def run(
             for task, path in models.experts.items():
                 expert = AutoModelForCausalLM.from_pretrained(path, dtype=eval_dtype)
                 rows.append(_row("expert", evaluate.blocks(expert), experts=(task,)))
-                for em_task in tasks.EM_TASKS:
-                    items = data.test_items(em_task)[: settings.greedy_check_items]
-                    greedy = greedy_exact_match(expert, tokenizer, items)
-                    forced = exact_match_flags(expert, evaluate.sets[em_task])
-                    agree = sum(a == b for a, b in zip(greedy, forced, strict=False))
-                    checks[f"{task} expert on {em_task}"] = [agree, len(greedy)]
+                if not harness:  # lm-eval decodes greedily itself
+                    checks.update(
+                        _greedy_check(expert, tokenizer, task, data, evaluate, settings)
+                    )
                 del expert
             LOG.info(
                 "quality: references %s",
                 [(r["variant"], r["experts"], r["metrics"]) for r in rows],
             )
 
-        validation = {t: data.validation(t) for t in tasks.TASKS}
-        tune_kwargs = dict(
-            seq_len=settings.seq_len, batch_size=EVAL_BATCH, dtype=settings.eval_dtype
-        )
-        base_val = None
-        if tune is not None:
-            base_val = {
-                t: tune.evaluate_loss(
-                    models.base, texts, tokenizer=tokenizer, **tune_kwargs
-                )
-                for t, texts in validation.items()
-            }
-
+        tuner = Tuner(settings, models, importance, data, tokenizer, harness)
         pairs = settings.pairs or tuple(itertools.combinations(tasks.EXPERT_TASKS, 2))
         expert_sets = [*pairs, tuple(tasks.EXPERT_TASKS)]
         specs = merging.merge_grid(expert_sets, settings.dare_seeds, settings.methods)
@@ -231,21 +344,14 @@ def run(
                     spec, models.base, models.experts, settings.density, merges_dir
                 )
                 merged = merging.load_state(path)
-
-                def score(state: Mapping[str, torch.Tensor]) -> dict[str, list]:
-                    load_merged(model, state)
-                    return evaluate.blocks(model)
-
-                plain = score(merged)
-                rows.append(_row("plain", plain, spec=spec, omega=1.0))
+                variants = Variants(model, evaluate, base_state, merged, importance)
+                score, score_aim = variants.score, variants.aim
+                rows.append(_row("plain", score_aim(1.0), spec=spec, omega=1.0))
                 omegas = {settings.omega}
                 if len(spec.experts) == len(tasks.EXPERT_TASKS):
                     omegas |= set(settings.sweep_omegas)
-                aim_scores = {}
                 for omega in sorted(omegas - {1.0}):
-                    state = merging.aim_state(base_state, merged, importance, omega)
-                    aim_scores[omega] = score(state)
-                    rows.append(_row("aim", aim_scores[omega], spec=spec, omega=omega))
+                    rows.append(_row("aim", score_aim(omega), spec=spec, omega=omega))
                 for variant, build in (
                     ("uniform", merging.uniform_state),
                     ("permuted", merging.permuted_state),
@@ -254,34 +360,28 @@ def run(
                     rows.append(
                         _row(variant, score(state), spec=spec, omega=settings.omega)
                     )
-                del state
-                if tune is not None:
-                    result = tune.tune_merged(
-                        models.base,
-                        path,
-                        importance,
-                        validation,
-                        settings.tune_omegas,
-                        base_losses=base_val,
-                        **tune_kwargs,
-                    )
-                    chosen = float(result.chosen.omega_attention)
-                    if chosen >= 1.0:
-                        blocks = plain
-                    elif chosen in aim_scores:
-                        blocks = aim_scores[chosen]
-                    else:
-                        state = merging.aim_state(
-                            base_state, merged, importance, chosen
+                    del state
+                chosen = tuner.scalar(spec, path)
+                rows.append(_row("tuned", score_aim(chosen), spec=spec, omega=chosen))
+                rows[-1]["tuning"] = tuner.records[spec.name]["scalar"]
+                if settings.split_omegas:
+                    attention, mlp = tuner.split(spec, path)
+                    rows.append(
+                        _row(
+                            "tuned-split",
+                            score_aim(attention, mlp),
+                            spec=spec,
+                            omega=attention,
+                            omega_mlp=mlp,
                         )
-                        blocks = score(state)
-                    rows.append(_row("tuned", blocks, spec=spec, omega=chosen))
+                    )
+                    rows[-1]["tuning"] = tuner.records[spec.name]["split"]
             done.write_text(json.dumps(rows[first_row:]))
             LOG.info(
                 "quality: %s plain %s aim %s",
                 spec.name,
                 rows[first_row]["metrics"],
-                summarize(aim_scores[settings.omega]),
+                score_aim(settings.omega)[0],
             )
 
     seconds = round(time.perf_counter() - start, 1)
@@ -298,6 +398,7 @@ def run(
             "merges and variants, minus 10% of the axis' range (at least 0.05)"
         ),
         "greedy_check": checks,
+        "lm_eval_version": _lm_eval_version() if settings.scorer == "lm-eval" else None,
         "training": models.log,
         "importance_spread": report.importance_spread(importance),
         "seconds": seconds,
@@ -368,6 +469,12 @@ def load_merged(model: Any, state: Mapping[str, torch.Tensor]) -> None:
             f"merged state does not fit the model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(result.unexpected_keys)[:5]}"
         )
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
 
 
 def _settings_digest(settings: training.Settings) -> str:

@@ -150,9 +150,19 @@ def aim_state(
     merged: Mapping[str, torch.Tensor],
     importance: ImportanceMap,
     omega: float,
+    omega_mlp: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """AIM at ``omega``: equal to ``apply_aim(base, merged, importance, omega)``."""
-    return _relax_all(base, merged, importance, lambda name: (importance[name], omega))
+    """AIM at ``omega``: equal to ``apply_aim(base, merged, importance, omega)``;
+    with ``omega_mlp``, MLP tensors at that ω instead (``tune``'s split)."""
+    from mergekit_aim.selection import is_mlp
+
+    mlp = omega if omega_mlp is None else omega_mlp
+    return _relax_all(
+        base,
+        merged,
+        importance,
+        lambda name: (importance[name], mlp if is_mlp(name) else omega),
+    )
 
 
 def aim_factors(importance: ImportanceMap, name: str, omega: float) -> torch.Tensor:

@@ -29,7 +29,14 @@ LABELS = {
     "instructions": "instr. EM",
     "general": "general loss",
 }
-CONTROLS = ("aim", "uniform", "permuted", "tuned")
+# The report's target for the tuned rows (exact-match points; share of damage).
+TARGET_POINTS = 2.0
+TARGET_RECOVERY = 0.30
+# Variants whose ω was chosen per merge (scalar, and attention/MLP split).
+TUNED = ("tuned", "tuned-split")
+CONTROLS = ("aim", "uniform", "permuted", *TUNED)
+# Variants compared at the report's fixed ω (the others: at their own).
+FIXED_OMEGA = ("aim", "uniform", "permuted")
 SPECIAL = ("base", "expert")
 SHORT = {
     "task_arithmetic": "TA",
@@ -125,7 +132,7 @@ def relative_change_table(
     per expert set × method × weighting (DARE seeds averaged first).
     Positive means better (higher accuracy, lower loss)."""
     body = []
-    pairs = paired(rows, variant, omega if variant != "tuned" else None)
+    pairs = paired(rows, variant, omega if variant in FIXED_OMEGA else None)
     for (experts, method, weights), group in _grouped(pairs).items():
         cells = [experts, SHORT[method], weights]
         for task in TASKS:
@@ -158,7 +165,7 @@ def absolute_table(rows: Sequence[Mapping[str, Any]], omega: float) -> str:
         key = (set_name(row["experts"]), row["method"], row["weights"])
         groups[key].setdefault(row["variant"], []).append(row)
     body = []
-    variants = ("plain", "aim", "uniform", "permuted", "tuned")
+    variants = ("plain", *CONTROLS)
     for key in sorted(groups, key=_order):
         experts, method, weights = key
         for variant in variants:
@@ -166,8 +173,8 @@ def absolute_table(rows: Sequence[Mapping[str, Any]], omega: float) -> str:
             if not members:
                 continue
             cells = [experts, SHORT[method], weights, variant]
-            omegas = sorted({m["omega"] for m in members})
-            cells.append(", ".join(f"{o:g}" for o in omegas))
+            omegas = sorted({omega_label(m) for m in members})
+            cells.append(", ".join(omegas))
             for task in TASKS:
                 cells.append(
                     _fmt_metric(task, mean([m["metrics"][task] for m in members]))
@@ -191,7 +198,7 @@ def controls_summary(rows: Sequence[Mapping[str, Any]], omega: float) -> str:
     aim = {merge_key(o): o for _, o in paired(scored, "aim", omega)}
     body = []
     for variant in CONTROLS:
-        pairs = paired(scored, variant, None if variant == "tuned" else omega)
+        pairs = paired(scored, variant, omega if variant in FIXED_OMEGA else None)
         if not pairs:
             continue
         cells = [variant, str(len(pairs))]
@@ -263,7 +270,7 @@ def hypervolumes(
                 [r["scores"][t] for t in axes]
                 for r in members
                 if r["variant"] == variant
-                and (variant in ("plain", "tuned") or math.isclose(r["omega"], omega))
+                and (variant not in FIXED_OMEGA or math.isclose(r["omega"], omega))
             ]
             if points:
                 volumes[variant] = hypervolume(points, reference)
@@ -335,14 +342,110 @@ def references_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def tuned_summary(rows: Sequence[Mapping[str, Any]]) -> str:
-    counts = defaultdict(int)
-    for row in rows:
-        if row["variant"] == "tuned":
-            counts[row["omega"]] += 1
-    if not counts:
-        return "No tuned rows (mergekit_aim.tuning.search was not available)."
-    parts = [f"ω={k:g}: {v}" for k, v in sorted(counts.items())]
-    return "ω chosen on the validation split: " + ", ".join(parts) + "."
+    lines = []
+    for variant in TUNED:
+        counts: dict[str, int] = defaultdict(int)
+        for row in rows:
+            if row["variant"] == variant:
+                counts[omega_label(row)] += 1
+        if counts:
+            parts = [f"ω={k}: {v}" for k, v in sorted(counts.items())]
+            lines.append(
+                f"{variant}: ω chosen on the validation split: "
+                + ", ".join(parts)
+                + "."
+            )
+    return "\n\n".join(lines) or "No tuned rows."
+
+
+def omega_label(row: Mapping[str, Any]) -> str:
+    """``0.4``, or ``0/0.4`` (attention and other tensors / MLP) for a split ω."""
+    if row.get("omega_mlp") is None:
+        return f"{row['omega']:g}"
+    return f"{row['omega']:g}/{row['omega_mlp']:g}"
+
+
+def target_table(
+    rows: Sequence[Mapping[str, Any]], variant: str, points: float, recovery: float
+) -> tuple[str, str]:
+    """(summary, per-merge table) of ``variant`` against the target: every
+    merged expert's exact match within ``points`` of the plain merge on the
+    test split, and ``recovery`` of the general damage (plain − base, where
+    positive) won back on average."""
+    base = next(r["metrics"] for r in rows if r["variant"] == "base")
+    body, kept, recovered = [], [], []
+    for plain, tuned in sorted(
+        paired(rows, variant),
+        key=lambda pr: (_order(merge_key(pr[0])[:3]), pr[0]["seed"]),
+    ):
+        em = [t for t in plain["experts"] if t in ("math", "instructions")]
+        diffs = {t: 100 * (tuned["metrics"][t] - plain["metrics"][t]) for t in em}
+        validation = _validation_diffs(tuned, em)
+        damage = plain["metrics"]["general"] - base["general"]
+        gain = plain["metrics"]["general"] - tuned["metrics"]["general"]
+        share = gain / damage if damage > 0 else math.nan
+        ok = all(d >= -points for d in diffs.values())
+        kept.append(ok)
+        if damage > 0:
+            recovered.append(share)
+        cells = [
+            set_name(plain["experts"]),
+            SHORT[plain["method"]],
+            plain["weights"],
+            "" if plain["seed"] is None else str(plain["seed"]),
+            omega_label(tuned),
+            ", ".join(
+                f"{t} {diffs[t]:+.1f} (val {validation.get(t, math.nan):+.1f})"
+                for t in em
+            ),
+            f"{damage:+.4f}",
+            "n/a" if not math.isfinite(share) else f"{100 * share:.0f}%",
+            "yes" if ok else "**no**",
+        ]
+        body.append(cells)
+    if not body:
+        return f"No {variant} rows.", ""
+    summary = (
+        f"**{variant}**: {sum(kept)}/{len(kept)} merges keep every merged expert's "
+        f"exact match within {points:g} points of the plain merge on the test split; "
+        f"the general damage is {100 * mean(recovered):.0f}% recovered on average over "
+        f"the {len(recovered)} merges with damage (target: ≥ {100 * recovery:.0f}%)."
+        if recovered
+        else f"**{variant}**: {sum(kept)}/{len(kept)} merges keep every skill; no "
+        "merge damages general ability."
+    )
+    header = [
+        "experts",
+        "method",
+        "weights",
+        "seed",
+        "ω",
+        "EM − plain, test (validation), points",
+        "general damage",
+        "recovered",
+        f"within {points:g}",
+    ]
+    return summary, _table(header, body, right=4)
+
+
+def _validation_diffs(row: Mapping[str, Any], em: Sequence[str]) -> dict[str, float]:
+    """The chosen candidate's exact match minus the plain merge's on the
+    validation split, in points (from the tuning record on the row)."""
+    tuning = row.get("tuning")
+    if not tuning:
+        return {}
+    plain = next(
+        r
+        for r in tuning["rows"]
+        if r["omega_attention"] == 1.0 and r["omega_mlp"] == 1.0
+    )
+    out = {}
+    for task in em:
+        name = next((m for m in plain["metrics"] if m.startswith(f"aim_{task}_")), None)
+        if name is not None and name.endswith("/exact_match"):
+            chosen = tuning["chosen"]["metrics"][name]["value"]
+            out[task] = 100 * (chosen - plain["metrics"][name]["value"])
+    return out
 
 
 # --- plot --------------------------------------------------------------------------
@@ -353,6 +456,7 @@ _STYLE = {
     "uniform": dict(marker="s", color="tab:blue"),
     "permuted": dict(marker="x", color="tab:green"),
     "tuned": dict(marker="*", color="tab:purple"),
+    "tuned-split": dict(marker="P", color="tab:orange"),
 }
 
 
@@ -391,7 +495,7 @@ def pareto_plot(rows: Sequence[Mapping[str, Any]], omega: float, path: Path) -> 
                 r
                 for r in members
                 if r["variant"] == variant
-                and (variant in ("plain", "tuned") or math.isclose(r["omega"], omega))
+                and (variant not in FIXED_OMEGA or math.isclose(r["omega"], omega))
             ]
             if not chosen:
                 continue
@@ -400,7 +504,7 @@ def pareto_plot(rows: Sequence[Mapping[str, Any]], omega: float, path: Path) -> 
                 [p[0] for p in points],
                 [p[1] for p in points],
                 label=variant
-                if variant in ("plain", "tuned")
+                if variant not in FIXED_OMEGA
                 else f"{variant} ω={omega:g}",
                 alpha=0.8,
                 s=28,
@@ -498,6 +602,7 @@ def markdown(document: Mapping[str, Any]) -> str:
     )
     spread = document.get("importance_spread")
     has_blocks = any("blocks" in r for r in rows)
+    harness = s.get("scorer") == "lm-eval"
     parts = [
         f"# Quality benchmark ({model or run} run)",
         "",
@@ -524,8 +629,13 @@ def markdown(document: Mapping[str, Any]) -> str:
         parts += [
             "## Effects with their spread",
             "",
-            "Paired differences on the same test blocks (losses: each block's "
-            "mean NLL in nats, positive = lower loss; exact match: each item, in "
+            "Paired differences on the same test blocks (losses: "
+            + (
+                "each document's bits per byte, "
+                if harness
+                else "each block's mean NLL in nats, "
+            )
+            + "positive = lower loss; exact match: each item, in "
             "points, positive = more correct). *mean diff* is the mean over "
             "merges of each merge's mean block difference; the 95% interval is a "
             "percentile bootstrap over test blocks (one resample of block indices "
@@ -537,6 +647,21 @@ def markdown(document: Mapping[str, Any]) -> str:
             effect_table(rows, omega),
             "",
         ]
+    if any(r["variant"] in TUNED for r in rows) and harness:
+        parts += [
+            "## The tuned pick against the target",
+            "",
+            f"Target: the tuned pick keeps every merged expert's exact match within "
+            f"{TARGET_POINTS:g} points of the plain merge on the test split, and wins "
+            f"back ≥ {100 * TARGET_RECOVERY:.0f}% of the general damage (plain − base "
+            "bits per byte, where positive) on average. ω is chosen on the "
+            "validation split only (*val*: the chosen candidate's exact match − the "
+            "plain merge's there, the skill floor's evidence).",
+            "",
+        ]
+        for variant in TUNED:
+            summary, table = target_table(rows, variant, TARGET_POINTS, TARGET_RECOVERY)
+            parts += [summary, "", table, ""] if table else [summary, ""]
     parts += [
         "## Reference models",
         "",
@@ -569,6 +694,16 @@ def markdown(document: Mapping[str, Any]) -> str:
         "",
         relative_change_table(rows, omega, variant="tuned"),
         "",
+        *(
+            [
+                "## Relative change, tuned attention/MLP ω vs plain",
+                "",
+                relative_change_table(rows, omega, variant="tuned-split"),
+                "",
+            ]
+            if any(r["variant"] == "tuned-split" for r in rows)
+            else []
+        ),
         f"## ω sweep, {set_name(triple)}",
         "",
         "All merges of the triple (methods, weightings, seeds) at each ω; "
@@ -659,7 +794,7 @@ def block_differences(
         for row in rows:
             if row["variant"] != name or "blocks" not in row:
                 continue
-            if name not in ("plain", "tuned") and not math.isclose(row["omega"], omega):
+            if name in FIXED_OMEGA and not math.isclose(row["omega"], omega):
                 continue
             chosen[merge_key(row)] = row
         return chosen
@@ -710,6 +845,8 @@ COMPARISONS = (
     ("aim", "permuted"),
     ("uniform", "plain"),
     ("tuned", "plain"),
+    ("tuned-split", "plain"),
+    ("tuned-split", "tuned"),
 )
 
 
@@ -822,24 +959,18 @@ def _real_setup(document: Mapping[str, Any], agree: int, total: int) -> list[str
         f"{s['train_items']} generated items, loss on the answer and end-of-text "
         f"only, {s['item_steps']} steps of {s['item_batch_size']} items, lr "
         f"{s['item_lr']:g}.",
-        f"* Metrics on the test split, scored in {s['eval_dtype']}: exact match (%) "
-        f"of the greedy answer (answer then end-of-text) on {s['test_items']} math "
-        f"and {s['test_items']} instruction items; held-out loss (nats/token, "
-        f"blocks of {s['seq_len']} tokens) on ~{s['heldout_chars'] // 1000}k "
-        "characters of `builtin` code and of prose (*general*: held-out prose "
-        "no expert saw, what the base knew). Exact match is computed in one "
-        "teacher-forced pass, which equals greedy decoding's verdict; real greedy "
-        f"decoding agreed on {agree}/{total} checked expert items.",
+        (
+            _harness_metrics(document)
+            if s.get("scorer") == "lm-eval"
+            else _teacher_forced_metrics(s, agree, total)
+        ),
         f"* AIM: the base calibrated on `builtin`'s {s['calibration_split']} split "
         f"({s['calibration_samples']} texts × 512 tokens; task-agnostic, disjoint "
         f"from every test text), ω = {s['omega']:g}. Controls at the same ω: "
         "**uniform** (each tensor's delta scaled by the mean of AIM's factors over "
         "that tensor: the same shrinkage, no activation information) and "
         "**permuted** (AIM with each tensor's statistic randomly permuted: the "
-        "same factors on the wrong channels). **tuned**: ω chosen per merge by "
-        "`mergekit_aim.tuning.search.tune_merged` on a validation split disjoint "
-        "from the "
-        f"test split, from {{{', '.join(f'{o:g}' for o in s['tune_omegas'])}}}.",
+        "same factors on the wrong channels). " + _tuned_setup(s),
         f"* Merges through mergekit's `run_merge` ({methods}; density "
         f"{s['density']:g}; DARE over seeds "
         f"{', '.join(str(x) for x in s['dare_seeds'])}) of {', '.join(sets)}, "
@@ -852,3 +983,67 @@ def _real_setup(document: Mapping[str, Any], agree: int, total: int) -> list[str
         "reference point per set: the worst normalized score on each axis over "
         "all its merges and variants minus 10% of the axis' range (at least 0.05).",
     ]
+
+
+def _omegas(values: Sequence[float]) -> str:
+    return "{" + ", ".join(f"{o:g}" for o in values) + "}"
+
+
+def _tuned_setup(s: Mapping[str, Any]) -> str:
+    if s.get("scorer") != "lm-eval":
+        return (
+            "**tuned**: ω chosen per merge by `mergekit_aim.tuning.search."
+            "tune_merged` on a validation split disjoint from the test split, "
+            f"from {_omegas(s['tune_omegas'])}."
+        )
+    keep = dict(s["keep"])
+    text = (
+        "**tuned**: ω chosen per merge from "
+        f"{_omegas(s['tune_omegas'])} by `mergekit_aim.tuning.tune_merged` "
+        "(what `mergekit-aim tune --lm-eval` runs) on the validation split's "
+        "lm-eval tasks (`aim_<task>_validation`: "
+        f"{s['validation_items']} items per exact-match task, "
+        f"~{s['validation_chars'] // 1000}k characters per loss task; disjoint "
+        "from the test split) with **skill floors**: a candidate is eligible when "
+        "each merged expert's validation metric is no worse than the plain "
+        f"merge's by more than its tolerance (exact match {keep['math']:g}, code "
+        f"{keep['code']:g} bits per byte); among eligible candidates (the plain "
+        "merge always is) the lowest general bits per byte wins."
+    )
+    if s.get("split_omegas"):
+        text += (
+            " **tuned-split**: the same rule over a separate ω for MLP tensors and "
+            f"for all others (attention), each from {_omegas(s['split_omegas'])}."
+        )
+    return text
+
+
+def _harness_metrics(document: Mapping[str, Any]) -> str:
+    s = document["settings"]
+    return (
+        "* Metrics on the test split through **lm-evaluation-harness** "
+        f"{document.get('lm_eval_version', '')} (task YAMLs in "
+        "`benchmarks/quality/lm_eval_tasks`, their data written by `python -m "
+        f"benchmarks.quality.lm_eval_tasks --model {document['model']}`), the "
+        f"model in {s['eval_dtype']}: exact match (%) of the greedy answer "
+        "(`generate_until`, stop at a newline, whitespace stripped) on "
+        f"{s['test_items']} math and {s['test_items']} instruction items "
+        "(`aim_math`, `aim_instructions`); bits per byte of held-out text "
+        "(`aim_code`, `aim_general`: lm-eval's rolling log-likelihood) on "
+        f"~{s['heldout_chars'] // 1000}k characters of `builtin` code and of prose "
+        "(*general*: held-out prose no expert saw, what the base knew), cut into "
+        "documents of ≤ 600 characters (the paired statistics resample them)."
+    )
+
+
+def _teacher_forced_metrics(s: Mapping[str, Any], agree: int, total: int) -> str:
+    return (
+        f"* Metrics on the test split, scored in {s['eval_dtype']}: exact match (%) "
+        f"of the greedy answer (answer then end-of-text) on {s['test_items']} math "
+        f"and {s['test_items']} instruction items; held-out loss (nats/token, "
+        f"blocks of {s['seq_len']} tokens) on ~{s['heldout_chars'] // 1000}k "
+        "characters of `builtin` code and of prose (*general*: held-out prose "
+        "no expert saw, what the base knew). Exact match is computed in one "
+        "teacher-forced pass, which equals greedy decoding's verdict; real greedy "
+        f"decoding agreed on {agree}/{total} checked expert items."
+    )

@@ -88,6 +88,20 @@ class Settings:
     # The dtype models are scored in (bf16 is ~3.5x faster on AVX512-BF16 CPUs).
     eval_dtype: str = "float32"
     calibration_split: str = "all"
+    # How tasks are scored: "teacher-forced" (one pass: exact-match verdicts and
+    # block NLL, the toy scales) or "lm-eval" (lm-evaluation-harness on the
+    # task YAMLs: greedy generation and bits per byte, the real models).
+    scorer: str = "teacher-forced"
+    # tune's split grid (attention/other ω × MLP ω); empty: no tuned-split rows.
+    split_omegas: tuple[float, ...] = ()
+    # Skill floors of the tuned rows (lm-eval scoring): how far below the plain
+    # merge on the validation split a merged expert's task may fall (exact
+    # match as a fraction; bits per byte).
+    keep: tuple[tuple[str, float], ...] = (
+        ("code", 0.01),
+        ("math", 0.0),
+        ("instructions", 0.0),
+    )
 
     def training_key(self) -> str:
         """Hash of everything that determines the trained models."""
@@ -109,6 +123,9 @@ class Settings:
                 "methods",
                 "pairs",
                 "eval_dtype",
+                "scorer",
+                "split_omegas",
+                "keep",
             )
         }
         fields["corpus"] = builtin_fingerprint()
@@ -175,9 +192,9 @@ REAL = {
         validation_chars=4_000,
         calibration_samples=128,
         density=0.5,
-        dare_seeds=(0, 1, 2),
+        dare_seeds=(0, 1),
         omega=0.4,
-        sweep_omegas=OMEGAS,
+        sweep_omegas=(0.0, 0.4),
         tune_omegas=(0.0, 0.2, 0.4, 0.6, 1.0),
         greedy_check_items=20,
         model="smollm2-135m",
@@ -185,6 +202,8 @@ REAL = {
         pairs=(("code", "math"),),
         eval_dtype="bfloat16",
         calibration_split="train",
+        scorer="lm-eval",
+        split_omegas=(0.0, 0.4, 1.0),
     )
 }
 QUICK = Settings(

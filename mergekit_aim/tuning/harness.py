@@ -128,6 +128,14 @@ class LmEvalTasks:
 
     def score(self, model: Any, tokenizer: Any = None) -> dict[str, Score]:
         """Every metric of every task on ``model`` as it is now."""
+        return _scores(
+            self.results(model, tokenizer), self.loaded["tasks"], self.metrics
+        )
+
+    def results(self, model: Any, tokenizer: Any = None, *, samples: bool = False):
+        """lm-eval's own results document for ``model`` as it is now; with
+        ``samples``, each document's metric values too (``results["samples"]``,
+        what paired comparisons between two models need)."""
         from lm_eval.evaluator import evaluate
 
         lm = self._wrap(model, tokenizer)
@@ -135,16 +143,15 @@ class LmEvalTasks:
             task.set_fewshot_seed(seed=FEWSHOT_SEED)
         was_training = model.training
         try:
-            results = evaluate(
+            return evaluate(
                 lm=lm,
                 task_dict=self.loaded,
                 limit=self.limit,
                 bootstrap_iters=BOOTSTRAP_ITERS,
-                log_samples=False,
+                log_samples=samples,
             )
         finally:
             model.train(was_training)
-        return _scores(results, self.loaded["tasks"], self.metrics)
 
     def _wrap(self, model: Any, tokenizer: Any) -> Any:
         # One HFLM per model object: a candidate relaxed in place is the same

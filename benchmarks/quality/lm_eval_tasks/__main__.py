@@ -10,15 +10,44 @@ from pathlib import Path
 from benchmarks.quality import tasks, training
 from benchmarks.quality.lm_eval_tasks.loader import DATA_DIR, SPLITS, file_name
 
+# Held-out texts are scored as documents of at most this many characters:
+# the benchmark's paired statistics resample documents, so a few long texts
+# would leave them a handful of units (16k characters: ~14 texts, ~30 documents).
+DOCUMENT_CHARS = 600
+
 
 def rows(data: training.TaskData, task: str, split: str) -> list[dict[str, str]]:
     """One JSON row per item (``prompt``, ``answer`` without its leading
-    space) or per held-out text (``text``)."""
+    space) or per held-out document (``text``, see :func:`documents`)."""
     if task in tasks.EM_TASKS:
         items = getattr(data.items[task], split)
         return [{"prompt": i.prompt, "answer": i.answer.strip()} for i in items]
     texts = data.validation_texts if split == "validation" else data.test_texts
-    return [{"text": text} for text in texts[task]]
+    return [{"text": doc} for text in texts[task] for doc in documents(text)]
+
+
+def documents(text: str, limit: int = DOCUMENT_CHARS) -> list[str]:
+    """``text`` cut into documents of at most ``limit`` characters: whole
+    paragraphs packed together where they fit, a longer paragraph cut at line
+    breaks, a longer line cut anywhere."""
+    units: list[str] = []
+    for paragraph in text.split("\n\n"):
+        if len(paragraph) <= limit:
+            units.append(paragraph)
+            continue
+        for line in _pack(paragraph.split("\n"), "\n", limit):
+            units.extend(line[i : i + limit] for i in range(0, len(line), limit))
+    return [doc for doc in _pack(units, "\n\n", limit) if doc.strip()]
+
+
+def _pack(units: list[str], separator: str, limit: int) -> list[str]:
+    packed: list[str] = []
+    for unit in units:
+        if packed and len(packed[-1]) + len(separator) + len(unit) <= limit:
+            packed[-1] += separator + unit
+        else:
+            packed.append(unit)
+    return packed
 
 
 def write(settings: training.Settings, out: Path) -> list[Path]:
