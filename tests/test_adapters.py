@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures.checkpoint_files import load_dir
-from fixtures.reference import aim_factors
+from fixtures.reference import aim_expected, aim_factors
 from safetensors.torch import load_file
 
 from mergekit_aim.adapters import relax_adapter, relax_adapter_, relax_module_
@@ -42,7 +42,9 @@ TARGETS = {
         "down_proj",
     ],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "pythia": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
 }
+TARGETS["qwen2"] = TARGETS["llama"]
 COMBINATIONS = [
     "linear",
     "cat",
@@ -65,26 +67,42 @@ def load_base(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_family, tmp_path_factory):
-    """``tiny(family) -> (base dir, ImportanceMap)``: the artifact is the
-    project's calibration (``collect_importance``) of the tiny base."""
+def calibrated(base, directory):
+    """``(base, ImportanceMap)``: the project's calibration
+    (``collect_importance``) of the checkpoint ``base``, saved and reloaded."""
     from mergekit_aim.calibration import collect_importance
     from mergekit_aim.checkpoint import read_checkpoint
+
+    model = load_base(base)
+    blocks = torch.randint(
+        4, model.config.vocab_size, (4, 32), generator=torch.Generator()
+    )
+    names = set(read_checkpoint(base).tensors)
+    imap = collect_importance(model, blocks, checkpoint_names=names)
+    return base, ImportanceMap.load(imap.save(directory / "imp.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_family, tiny_tokenizer, tmp_path_factory):
+    """``tiny(family) -> (base dir, ImportanceMap)``: the artifact is the
+    project's calibration of the tiny base. Families: the tiny models'
+    (``llama``, ``qwen2`` with a tied head, ``gpt2``) and ``pythia``, whose
+    head is ``embed_out`` on disk and ``lm_head`` in memory."""
+    from fixtures.architectures import pythia_config
+
+    from mergekit_aim.demo.models import init_model, save_checkpoint
 
     built = {}
 
     def get(family):
         if family not in built:
-            base = tiny_family(family).base
-            model = load_base(base)
-            blocks = torch.randint(
-                4, model.config.vocab_size, (4, 32), generator=torch.Generator()
-            )
-            names = set(read_checkpoint(base).tensors)
-            imap = collect_importance(model, blocks, checkpoint_names=names)
-            path = tmp_path_factory.mktemp(f"adapter-{family}") / "imp.safetensors"
-            built[family] = (base, ImportanceMap.load(imap.save(path)))
+            directory = tmp_path_factory.mktemp(f"adapter-{family}")
+            if family == "pythia":
+                model = init_model(pythia_config(len(tiny_tokenizer)), seed=0)
+                base = save_checkpoint(model, tiny_tokenizer, directory / "base")
+            else:
+                base = tiny_family(family).base
+            built[family] = calibrated(base, directory)
         return built[family]
 
     return get
@@ -140,12 +158,16 @@ def check_relaxed(original, relaxed, imap, omega):
 
 
 def compare_with_relax(base, original_dir, relaxed_dir, imap, omega, tmp_path):
-    """merge_and_unload(relaxed) == relax_checkpoint(merge_and_unload(original))."""
+    """merge_and_unload(relaxed) == relax_checkpoint(merge_and_unload(original)),
+    both as ``save_pretrained`` writes them (checkpoint names: a renamed head
+    is compared under its name on disk)."""
     merged_dir = tmp_path / "merged"
     merged_and_unloaded(base, original_dir).save_pretrained(merged_dir)
     relax_checkpoint(base, merged_dir, imap, omega, tmp_path / "aim")
     expected = load_dir(tmp_path / "aim")
-    got = merged_and_unloaded(base, relaxed_dir).state_dict()
+    merged_and_unloaded(base, relaxed_dir).save_pretrained(tmp_path / "got")
+    got = load_dir(tmp_path / "got")
+    assert set(got) == set(expected)
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6)
     return expected
@@ -328,6 +350,84 @@ def test_moe_expert_loras_relax_expert_by_expert(tiny_tokenizer, tmp_path):
     got = merged_and_unloaded(base, out).state_dict()
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def head_adapter(base, family, head, path):
+    """Save an adapter with LoRAs on attention and MLP and, on the LM head,
+    a LoRA (``head="lora"``) or a trained full copy (``"modules_to_save"``);
+    returns its tensors."""
+    if head == "lora":
+        model = lora(base, family, target_modules=[*TARGETS[family], "lm_head"])
+    else:
+        model = lora(base, family, modules_to_save=["lm_head"])
+        with torch.no_grad():
+            model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.05)
+    model.save_pretrained(path)
+    return load_file(path / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("head", ["lora", "modules_to_save"])
+def test_a_tied_head_stays_as_a_merge_leaves_it(tiny, head, tmp_path):
+    """Qwen2's LM head is its input embedding: calibration gives it no
+    statistic, so its LoRA (or saved copy) is kept as it is, like the
+    embedding in a merge, while every attention/MLP lora_A is relaxed."""
+    base, imap = tiny("qwen2")
+    assert "lm_head.weight" not in imap
+    source, out = tmp_path / "adapter", tmp_path / "relaxed"
+    original = head_adapter(base, "qwen2", head, source)
+    report = relax_adapter(base, source, imap, OMEGA, out)["."]
+    relaxed = load_file(out / "adapter_model.safetensors")
+    assert check_relaxed(original, relaxed, imap, OMEGA) == 2 * 7 == report["relaxed"]
+    heads = [key for key in original if ".lm_head." in key]
+    assert heads and all(torch.equal(relaxed[key], original[key]) for key in heads)
+    assert report["coverage"]["left_alone"]["no input statistic"] >= 1
+    if head == "lora":
+        compare_with_relax(base, source, out, imap, OMEGA, tmp_path)
+        return
+    # Merging a saved copy of a tied head unties it (the merge holds an
+    # lm_head.weight the base checkpoint has not), so the loaded merge is
+    # relaxed through the Python API against the base's own state dict.
+    plain = merged_and_unloaded(base, source)
+    relax_module_(plain, load_base(base).state_dict(), imap, OMEGA)
+    got = merged_and_unloaded(base, out).state_dict()
+    for name, tensor in plain.state_dict().items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6)
+    copy = original["base_model.model.lm_head.weight"]
+    assert torch.equal(got["lm_head.weight"], copy)
+
+
+@pytest.mark.parametrize("head", ["lora", "modules_to_save"])
+def test_a_renamed_head_is_relaxed_with_its_checkpoint_statistic(tiny, head, tmp_path):
+    """Pythia's head is ``lm_head`` to PEFT and ``embed_out`` on disk and in
+    the artifact: its LoRA (or saved copy) is relaxed with embed_out's
+    statistic, and the merge equals `relax` on the merged original."""
+    base, imap = tiny("pythia")
+    assert "embed_out.weight" in imap and "lm_head.weight" not in imap
+    source, out = tmp_path / "adapter", tmp_path / "relaxed"
+    original = head_adapter(base, "pythia", head, source)
+    relax_adapter(base, source, imap, OMEGA, out)
+    relaxed = load_file(out / "adapter_model.safetensors")
+    assert check_relaxed(original, relaxed, imap, OMEGA) == 2 * 4
+    statistic = imap["embed_out.weight"]
+    if head == "lora":
+        key = "base_model.model.lm_head.lora_A.weight"
+        b = original[key.replace(".lora_A.", ".lora_B.")]
+        factor = aim_factors(statistic, OMEGA, dtype=torch.float32)
+        torch.testing.assert_close(
+            b @ relaxed[key], (b @ original[key]) * factor, rtol=1e-5, atol=1e-6
+        )
+        # PEFT also saves the head's base weight: relaxed toward itself, it stays
+        kept = "base_model.model.lm_head.base_layer.weight"
+        assert torch.equal(relaxed[kept], original[kept])
+    else:
+        key = "base_model.model.lm_head.weight"
+        base_head = load_dir(base)["embed_out.weight"]
+        expected = aim_expected(base_head, original[key], statistic, OMEGA)
+        torch.testing.assert_close(relaxed[key], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(relaxed[key], original[key])
+    expected = compare_with_relax(base, source, out, imap, OMEGA, tmp_path)
+    merged = load_dir(tmp_path / "merged")
+    assert not torch.equal(expected["embed_out.weight"], merged["embed_out.weight"])
 
 
 # --- refusals ---------------------------------------------------------------------
