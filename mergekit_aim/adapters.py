@@ -43,7 +43,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -502,21 +502,14 @@ def relax_adapter(
         raise AimConfigError("the output directory must not be the adapter's")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise AimConfigError(f"output directory {out} exists and is not empty")
-    from mergekit_aim.checkpoint import read_checkpoint
-
-    importance.check_against(read_checkpoint(str(base)), source=source or "importance")
-    found = checkpoint_base(base, importance)
     results = []
-    for directory in adapter_dirs(adapter):
-        where = str(directory)
-        config, tensors, metadata = read_adapter(directory)
-        relaxation = Relaxation(selection, importance)
-        decided = plan(tensors, config, found, relaxation, where)
+    for planned in _planned(base, adapter, importance, selection, source):
+        directory, tensors, metadata, found, relaxation, decided = planned
         relaxed = apply(tensors, decided, found, relaxation)
         report = _report(selection, relaxation.coverage, base, directory, importance)
         results.append((directory.relative_to(adapter), relaxed, metadata, report))
         for gap in relaxation.coverage.gaps():
-            LOG.warning("%s: %s", where, gap)
+            LOG.warning("%s: %s", directory, gap)
 
     from safetensors.torch import save_file
 
@@ -553,6 +546,44 @@ def relax_adapter(
             elements_text(report["coverage"]),
         )
     return {str(relative): report for relative, _, _, report in results}
+
+
+def check_adapter(
+    base: str | os.PathLike,
+    adapter: str | os.PathLike,
+    importance: ImportanceMap,
+    *,
+    exclude: Iterable[str] = (),
+    source: str = "",
+) -> None:
+    """Refuse now, writing nothing, what :func:`relax_adapter` would refuse
+    for any ω: the config, the tensor kinds and the shapes against ``base``
+    and the artifact. ``tune-adapter`` runs it before its search, so that an
+    adapter it could not write is refused before the merge and the scoring."""
+    require_peft()
+    # ω 0 relaxes every tensor that has a statistic, so every check runs.
+    for _ in _planned(base, adapter, importance, Selection(0.0, exclude), source):
+        pass
+
+
+def _planned(
+    base: str | os.PathLike,
+    adapter: str | os.PathLike,
+    importance: ImportanceMap,
+    selection: Selection,
+    source: str,
+) -> Iterator[tuple[Path, dict, dict, Base, Relaxation, Plan]]:
+    """Each adapter directory under ``adapter``, read and planned against
+    ``base``: ``(directory, tensors, metadata, base, relaxation, plan)``."""
+    from mergekit_aim.checkpoint import read_checkpoint
+
+    importance.check_against(read_checkpoint(str(base)), source=source or "importance")
+    found = checkpoint_base(base, importance)
+    for directory in adapter_dirs(adapter):
+        config, tensors, metadata = read_adapter(directory)
+        relaxation = Relaxation(selection, importance)
+        decided = plan(tensors, config, found, relaxation, str(directory))
+        yield directory, tensors, metadata, found, relaxation, decided
 
 
 def _report(

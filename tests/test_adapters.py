@@ -556,3 +556,86 @@ def test_tune_adapter_writes_the_pick_relaxed(tiny, plain_adapter, tiny_text, tm
     again = load_file(tmp_path / "again" / "adapter_model.safetensors")
     got = load_file(out / "adapter_model.safetensors")
     assert all(torch.equal(got[k], v) for k, v in again.items())
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [CLI, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+def test_cli_tune_adapter_reports_every_candidate_and_writes_the_pick(
+    tiny, plain_adapter, tiny_text, tmp_path
+):
+    from peft import PeftModel
+
+    base, imap = tiny("llama")
+    evals = tmp_path / "held.txt"
+    evals.write_text("\n\n".join(tiny_text[:12]))
+    out = tmp_path / "tuned"
+    result = run_cli(
+        "tune-adapter", "--base", base, "--adapter", plain_adapter,
+        "--importance", imap.provenance["file"], "--eval", f"held={evals}",
+        "--omega", "0,0.5", "--seq-len", 32, out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "aim_tune.json").read_text())
+    table = (out / "aim_tune.md").read_text()
+    chosen = report["chosen"]["omega_attention"]
+    assert f"wrote {out} (ω {chosen:g})" in result.stdout
+    assert [row["omega_attention"] for row in report["rows"]] == [0.0, 0.5, 1.0]
+    for row in report["rows"]:
+        loss = row["losses"]["held"]
+        assert loss > 0 and f"{loss:.4f}" in table and f"{loss:.4f}" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "aim_relax.json",
+        "aim_tune.json",
+        "aim_tune.md",
+    ]
+    PeftModel.from_pretrained(load_base(base), out)  # loads as a PEFT adapter
+    again = tmp_path / "again"
+    relax_adapter(base, plain_adapter, imap, report["chosen"]["omega_setting"], again)
+    got = load_file(out / "adapter_model.safetensors")
+    want = load_file(again / "adapter_model.safetensors")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("refused", ["missing eval file", "DoRA"])
+def test_cli_tune_adapter_refusals_write_nothing(
+    tiny, plain_adapter, tmp_path, monkeypatch, refused
+):
+    """Refused in one line before the merge and the scoring: nothing written."""
+    base, imap = tiny("llama")
+    evals, adapter = tmp_path / "held.txt", plain_adapter
+    if refused == "DoRA":
+        evals.write_text("a few words of held-out text\n\nand a second document")
+        adapter = tmp_path / "dora"
+        lora(base, "llama", use_dora=True).save_pretrained(adapter)
+    out = tmp_path / "tuned"
+    result = run_cli(
+        "tune-adapter", "--base", base, "--adapter", adapter,
+        "--importance", imap.provenance["file"], "--eval", f"held={evals}",
+        "--omega", "0.5", "--seq-len", 32, out,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    named = str(evals) if refused != "DoRA" else "module model.layers.0."
+    assert named in lines[0] and refused.split()[-1] in lines[0]
+    assert not out.exists()
+    if refused == "DoRA":  # before any work: the merge is never reached
+        from mergekit_aim.tuning import adapter as tuning
+
+        def merge(*_):
+            raise AssertionError("merged before refusing")
+
+        monkeypatch.setattr(tuning, "_merge_and_unload", merge)
+        with pytest.raises(AimConfigError, match="DoRA"):
+            tuning.tune_adapter(base, adapter, imap, {"held": evals}, out)
+        assert not out.exists()
