@@ -1,7 +1,9 @@
 """What relaxing a LoRA adapter costs next to reading and writing it.
 
-Usage: ``python benchmarks/adapters.py [--quick] [--out DIR] [--repeat N]
-[--rank R] [--threads N]``.
+Usage: ``python -m benchmarks.adapters [--quick] [--out DIR] [--repeat N]
+[--rank R] [--threads N]`` (as a module: run as a script, ``benchmarks/``
+would come first on ``sys.path`` and its ``kernels.py`` shadow the ``kernels``
+package that transformers imports).
 
 Writes, once, into a temporary directory: a Llama-7B-shaped base checkpoint
 (``config.json`` and a ``model.safetensors`` whose header is real and whose

@@ -43,7 +43,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,17 +310,12 @@ def apply(
     decided: Plan,
     base: Base,
     relaxation: Relaxation,
-    *,
-    in_place: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The relaxed adapter: every tensor of ``tensors``, those the plan names
-    relaxed, in their own dtype. Inputs are not modified unless ``in_place``
-    (the caller owns them, as tensors just read from a file): then each
-    ``lora_A`` is scaled where it lies."""
+    relaxed (into new tensors, in their own dtype); inputs are not modified."""
     result = dict(tensors)
     for key, factor in decided.factors.items():
-        out = tensors[key] if in_place else None
-        result[key] = scaled_columns(tensors[key], factor, out=out)
+        result[key] = scaled_columns(tensors[key], factor)
     for key, (name, stat_key, omega) in decided.copies.items():
         result[key] = relaxation.relax(
             key, base.value(name), tensors[key], stat_key, omega
@@ -329,22 +324,22 @@ def apply(
 
 
 def scaled_columns(
-    tensor: torch.Tensor,
-    factor: torch.Tensor | list[tuple[slice, torch.Tensor]],
-    *,
-    out: torch.Tensor | None = None,
+    tensor: torch.Tensor, factor: torch.Tensor | list[tuple[slice, torch.Tensor]]
 ) -> torch.Tensor:
     """``A diag(f)`` in float32, rounded once to ``A``'s dtype; for a stack
     of experts, each expert's block of rows (a slice) by its own factor (rows
     of an expert without a statistic are copied)."""
-    result = torch.empty_like(tensor) if out is None else out
+    # Always a new tensor, never ``tensor`` itself: tensors read with
+    # safetensors lie in a copy-on-write mapping of the file, and writing
+    # into them faults page by page (4x the time of writing fresh memory on
+    # a Llama-7B adapter, for no saving: each written page becomes a copy).
+    result = torch.empty_like(tensor)
     # The float32 factor promotes the product to float32; writing into
     # ``result`` rounds it to A's dtype in the same pass.
     if isinstance(factor, torch.Tensor):
         torch.mul(tensor, factor.to(tensor.device), out=result)
         return result
-    if result is not tensor:
-        result.copy_(tensor)
+    result.copy_(tensor)
     for rows, vector in factor:
         torch.mul(tensor[rows], vector.to(tensor.device), out=result[rows])
     return result
@@ -507,21 +502,14 @@ def relax_adapter(
         raise AimConfigError("the output directory must not be the adapter's")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise AimConfigError(f"output directory {out} exists and is not empty")
-    from mergekit_aim.checkpoint import read_checkpoint
-
-    importance.check_against(read_checkpoint(str(base)), source=source or "importance")
-    found = checkpoint_base(base, importance)
     results = []
-    for directory in adapter_dirs(adapter):
-        where = str(directory)
-        config, tensors, metadata = read_adapter(directory)
-        relaxation = Relaxation(selection, importance)
-        decided = plan(tensors, config, found, relaxation, where)
-        relaxed = apply(tensors, decided, found, relaxation, in_place=True)
+    for planned in _planned(base, adapter, importance, selection, source):
+        directory, tensors, metadata, found, relaxation, decided = planned
+        relaxed = apply(tensors, decided, found, relaxation)
         report = _report(selection, relaxation.coverage, base, directory, importance)
         results.append((directory.relative_to(adapter), relaxed, metadata, report))
         for gap in relaxation.coverage.gaps():
-            LOG.warning("%s: %s", where, gap)
+            LOG.warning("%s: %s", directory, gap)
 
     from safetensors.torch import save_file
 
@@ -558,6 +546,44 @@ def relax_adapter(
             elements_text(report["coverage"]),
         )
     return {str(relative): report for relative, _, _, report in results}
+
+
+def check_adapter(
+    base: str | os.PathLike,
+    adapter: str | os.PathLike,
+    importance: ImportanceMap,
+    *,
+    exclude: Iterable[str] = (),
+    source: str = "",
+) -> None:
+    """Refuse now, writing nothing, what :func:`relax_adapter` would refuse
+    for any ω: the config, the tensor kinds and the shapes against ``base``
+    and the artifact. ``tune-adapter`` runs it before its search, so that an
+    adapter it could not write is refused before the merge and the scoring."""
+    require_peft()
+    # ω 0 relaxes every tensor that has a statistic, so every check runs.
+    for _ in _planned(base, adapter, importance, Selection(0.0, exclude), source):
+        pass
+
+
+def _planned(
+    base: str | os.PathLike,
+    adapter: str | os.PathLike,
+    importance: ImportanceMap,
+    selection: Selection,
+    source: str,
+) -> Iterator[tuple[Path, dict, dict, Base, Relaxation, Plan]]:
+    """Each adapter directory under ``adapter``, read and planned against
+    ``base``: ``(directory, tensors, metadata, base, relaxation, plan)``."""
+    from mergekit_aim.checkpoint import read_checkpoint
+
+    importance.check_against(read_checkpoint(str(base)), source=source or "importance")
+    found = checkpoint_base(base, importance)
+    for directory in adapter_dirs(adapter):
+        config, tensors, metadata = read_adapter(directory)
+        relaxation = Relaxation(selection, importance)
+        decided = plan(tensors, config, found, relaxation, str(directory))
+        yield directory, tensors, metadata, found, relaxation, decided
 
 
 def _report(

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures.checkpoint_files import load_dir
-from fixtures.reference import aim_factors
+from fixtures.reference import aim_expected, aim_factors
 from safetensors.torch import load_file
 
 from mergekit_aim.adapters import relax_adapter, relax_adapter_, relax_module_
@@ -42,7 +42,9 @@ TARGETS = {
         "down_proj",
     ],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "pythia": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
 }
+TARGETS["qwen2"] = TARGETS["llama"]
 COMBINATIONS = [
     "linear",
     "cat",
@@ -65,26 +67,42 @@ def load_base(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_family, tmp_path_factory):
-    """``tiny(family) -> (base dir, ImportanceMap)``: the artifact is the
-    project's calibration (``collect_importance``) of the tiny base."""
+def calibrated(base, directory):
+    """``(base, ImportanceMap)``: the project's calibration
+    (``collect_importance``) of the checkpoint ``base``, saved and reloaded."""
     from mergekit_aim.calibration import collect_importance
     from mergekit_aim.checkpoint import read_checkpoint
+
+    model = load_base(base)
+    blocks = torch.randint(
+        4, model.config.vocab_size, (4, 32), generator=torch.Generator()
+    )
+    names = set(read_checkpoint(base).tensors)
+    imap = collect_importance(model, blocks, checkpoint_names=names)
+    return base, ImportanceMap.load(imap.save(directory / "imp.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_family, tiny_tokenizer, tmp_path_factory):
+    """``tiny(family) -> (base dir, ImportanceMap)``: the artifact is the
+    project's calibration of the tiny base. Families: the tiny models'
+    (``llama``, ``qwen2`` with a tied head, ``gpt2``) and ``pythia``, whose
+    head is ``embed_out`` on disk and ``lm_head`` in memory."""
+    from fixtures.architectures import pythia_config
+
+    from mergekit_aim.demo.models import init_model, save_checkpoint
 
     built = {}
 
     def get(family):
         if family not in built:
-            base = tiny_family(family).base
-            model = load_base(base)
-            blocks = torch.randint(
-                4, model.config.vocab_size, (4, 32), generator=torch.Generator()
-            )
-            names = set(read_checkpoint(base).tensors)
-            imap = collect_importance(model, blocks, checkpoint_names=names)
-            path = tmp_path_factory.mktemp(f"adapter-{family}") / "imp.safetensors"
-            built[family] = (base, ImportanceMap.load(imap.save(path)))
+            directory = tmp_path_factory.mktemp(f"adapter-{family}")
+            if family == "pythia":
+                model = init_model(pythia_config(len(tiny_tokenizer)), seed=0)
+                base = save_checkpoint(model, tiny_tokenizer, directory / "base")
+            else:
+                base = tiny_family(family).base
+            built[family] = calibrated(base, directory)
         return built[family]
 
     return get
@@ -140,12 +158,16 @@ def check_relaxed(original, relaxed, imap, omega):
 
 
 def compare_with_relax(base, original_dir, relaxed_dir, imap, omega, tmp_path):
-    """merge_and_unload(relaxed) == relax_checkpoint(merge_and_unload(original))."""
+    """merge_and_unload(relaxed) == relax_checkpoint(merge_and_unload(original)),
+    both as ``save_pretrained`` writes them (checkpoint names: a renamed head
+    is compared under its name on disk)."""
     merged_dir = tmp_path / "merged"
     merged_and_unloaded(base, original_dir).save_pretrained(merged_dir)
     relax_checkpoint(base, merged_dir, imap, omega, tmp_path / "aim")
     expected = load_dir(tmp_path / "aim")
-    got = merged_and_unloaded(base, relaxed_dir).state_dict()
+    merged_and_unloaded(base, relaxed_dir).save_pretrained(tmp_path / "got")
+    got = load_dir(tmp_path / "got")
+    assert set(got) == set(expected)
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6)
     return expected
@@ -330,6 +352,84 @@ def test_moe_expert_loras_relax_expert_by_expert(tiny_tokenizer, tmp_path):
         torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6)
 
 
+def head_adapter(base, family, head, path):
+    """Save an adapter with LoRAs on attention and MLP and, on the LM head,
+    a LoRA (``head="lora"``) or a trained full copy (``"modules_to_save"``);
+    returns its tensors."""
+    if head == "lora":
+        model = lora(base, family, target_modules=[*TARGETS[family], "lm_head"])
+    else:
+        model = lora(base, family, modules_to_save=["lm_head"])
+        with torch.no_grad():
+            model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.05)
+    model.save_pretrained(path)
+    return load_file(path / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("head", ["lora", "modules_to_save"])
+def test_a_tied_head_stays_as_a_merge_leaves_it(tiny, head, tmp_path):
+    """Qwen2's LM head is its input embedding: calibration gives it no
+    statistic, so its LoRA (or saved copy) is kept as it is, like the
+    embedding in a merge, while every attention/MLP lora_A is relaxed."""
+    base, imap = tiny("qwen2")
+    assert "lm_head.weight" not in imap
+    source, out = tmp_path / "adapter", tmp_path / "relaxed"
+    original = head_adapter(base, "qwen2", head, source)
+    report = relax_adapter(base, source, imap, OMEGA, out)["."]
+    relaxed = load_file(out / "adapter_model.safetensors")
+    assert check_relaxed(original, relaxed, imap, OMEGA) == 2 * 7 == report["relaxed"]
+    heads = [key for key in original if ".lm_head." in key]
+    assert heads and all(torch.equal(relaxed[key], original[key]) for key in heads)
+    assert report["coverage"]["left_alone"]["no input statistic"] >= 1
+    if head == "lora":
+        compare_with_relax(base, source, out, imap, OMEGA, tmp_path)
+        return
+    # Merging a saved copy of a tied head unties it (the merge holds an
+    # lm_head.weight the base checkpoint has not), so the loaded merge is
+    # relaxed through the Python API against the base's own state dict.
+    plain = merged_and_unloaded(base, source)
+    relax_module_(plain, load_base(base).state_dict(), imap, OMEGA)
+    got = merged_and_unloaded(base, out).state_dict()
+    for name, tensor in plain.state_dict().items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6)
+    copy = original["base_model.model.lm_head.weight"]
+    assert torch.equal(got["lm_head.weight"], copy)
+
+
+@pytest.mark.parametrize("head", ["lora", "modules_to_save"])
+def test_a_renamed_head_is_relaxed_with_its_checkpoint_statistic(tiny, head, tmp_path):
+    """Pythia's head is ``lm_head`` to PEFT and ``embed_out`` on disk and in
+    the artifact: its LoRA (or saved copy) is relaxed with embed_out's
+    statistic, and the merge equals `relax` on the merged original."""
+    base, imap = tiny("pythia")
+    assert "embed_out.weight" in imap and "lm_head.weight" not in imap
+    source, out = tmp_path / "adapter", tmp_path / "relaxed"
+    original = head_adapter(base, "pythia", head, source)
+    relax_adapter(base, source, imap, OMEGA, out)
+    relaxed = load_file(out / "adapter_model.safetensors")
+    assert check_relaxed(original, relaxed, imap, OMEGA) == 2 * 4
+    statistic = imap["embed_out.weight"]
+    if head == "lora":
+        key = "base_model.model.lm_head.lora_A.weight"
+        b = original[key.replace(".lora_A.", ".lora_B.")]
+        factor = aim_factors(statistic, OMEGA, dtype=torch.float32)
+        torch.testing.assert_close(
+            b @ relaxed[key], (b @ original[key]) * factor, rtol=1e-5, atol=1e-6
+        )
+        # PEFT also saves the head's base weight: relaxed toward itself, it stays
+        kept = "base_model.model.lm_head.base_layer.weight"
+        assert torch.equal(relaxed[kept], original[kept])
+    else:
+        key = "base_model.model.lm_head.weight"
+        base_head = load_dir(base)["embed_out.weight"]
+        expected = aim_expected(base_head, original[key], statistic, OMEGA)
+        torch.testing.assert_close(relaxed[key], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(relaxed[key], original[key])
+    expected = compare_with_relax(base, source, out, imap, OMEGA, tmp_path)
+    merged = load_dir(tmp_path / "merged")
+    assert not torch.equal(expected["embed_out.weight"], merged["embed_out.weight"])
+
+
 # --- refusals ---------------------------------------------------------------------
 
 
@@ -456,3 +556,86 @@ def test_tune_adapter_writes_the_pick_relaxed(tiny, plain_adapter, tiny_text, tm
     again = load_file(tmp_path / "again" / "adapter_model.safetensors")
     got = load_file(out / "adapter_model.safetensors")
     assert all(torch.equal(got[k], v) for k, v in again.items())
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [CLI, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+def test_cli_tune_adapter_reports_every_candidate_and_writes_the_pick(
+    tiny, plain_adapter, tiny_text, tmp_path
+):
+    from peft import PeftModel
+
+    base, imap = tiny("llama")
+    evals = tmp_path / "held.txt"
+    evals.write_text("\n\n".join(tiny_text[:12]))
+    out = tmp_path / "tuned"
+    result = run_cli(
+        "tune-adapter", "--base", base, "--adapter", plain_adapter,
+        "--importance", imap.provenance["file"], "--eval", f"held={evals}",
+        "--omega", "0,0.5", "--seq-len", 32, out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "aim_tune.json").read_text())
+    table = (out / "aim_tune.md").read_text()
+    chosen = report["chosen"]["omega_attention"]
+    assert f"wrote {out} (ω {chosen:g})" in result.stdout
+    assert [row["omega_attention"] for row in report["rows"]] == [0.0, 0.5, 1.0]
+    for row in report["rows"]:
+        loss = row["losses"]["held"]
+        assert loss > 0 and f"{loss:.4f}" in table and f"{loss:.4f}" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "aim_relax.json",
+        "aim_tune.json",
+        "aim_tune.md",
+    ]
+    PeftModel.from_pretrained(load_base(base), out)  # loads as a PEFT adapter
+    again = tmp_path / "again"
+    relax_adapter(base, plain_adapter, imap, report["chosen"]["omega_setting"], again)
+    got = load_file(out / "adapter_model.safetensors")
+    want = load_file(again / "adapter_model.safetensors")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("refused", ["missing eval file", "DoRA"])
+def test_cli_tune_adapter_refusals_write_nothing(
+    tiny, plain_adapter, tmp_path, monkeypatch, refused
+):
+    """Refused in one line before the merge and the scoring: nothing written."""
+    base, imap = tiny("llama")
+    evals, adapter = tmp_path / "held.txt", plain_adapter
+    if refused == "DoRA":
+        evals.write_text("a few words of held-out text\n\nand a second document")
+        adapter = tmp_path / "dora"
+        lora(base, "llama", use_dora=True).save_pretrained(adapter)
+    out = tmp_path / "tuned"
+    result = run_cli(
+        "tune-adapter", "--base", base, "--adapter", adapter,
+        "--importance", imap.provenance["file"], "--eval", f"held={evals}",
+        "--omega", "0.5", "--seq-len", 32, out,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    named = str(evals) if refused != "DoRA" else "module model.layers.0."
+    assert named in lines[0] and refused.split()[-1] in lines[0]
+    assert not out.exists()
+    if refused == "DoRA":  # before any work: the merge is never reached
+        from mergekit_aim.tuning import adapter as tuning
+
+        def merge(*_):
+            raise AssertionError("merged before refusing")
+
+        monkeypatch.setattr(tuning, "_merge_and_unload", merge)
+        with pytest.raises(AimConfigError, match="DoRA"):
+            tuning.tune_adapter(base, adapter, imap, {"held": evals}, out)
+        assert not out.exists()

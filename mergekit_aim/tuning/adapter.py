@@ -20,7 +20,12 @@ import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from mergekit_aim.adapters import adapter_dirs, relax_adapter, require_peft
+from mergekit_aim.adapters import (
+    adapter_dirs,
+    check_adapter,
+    relax_adapter,
+    require_peft,
+)
 from mergekit_aim.errors import AimConfigError
 from mergekit_aim.importance import ImportanceMap
 from mergekit_aim.selection import setting_json
@@ -74,6 +79,9 @@ def tune_adapter(
         )
     texts = {str(name): read_eval_texts(path) for name, path in evals.items()}
     exclude = list(exclude)
+    # What relax_adapter would refuse at the end (DoRA, a shape that does not
+    # fit the base, …) is refused before the merge and the scoring.
+    check_adapter(base, adapter, importance, exclude=exclude)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise AimConfigError(f"output directory {out} exists and is not empty")
