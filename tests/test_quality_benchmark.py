@@ -271,7 +271,9 @@ def test_merge_grid_and_configs(tmp_path):
     grid = merging.merge_grid(
         [("code", "math"), ("code", "math", "instructions")], (0, 1, 2)
     )
-    assert len(grid) == 2 * 2 * (1 + 1 + 3 + 3)
+    # TIES once per set: it normalizes by the weights, 1/k is its weight-1 merge
+    assert len(grid) == 2 * (2 * (1 + 3 + 3) + 1)
+    assert not [g for g in grid if g.method == "ties" and g.weights == "1/k"]
     assert len({g.name for g in grid}) == len(grid)
     spec = merging.MergeSpec("dare_ties", ("code", "math", "instructions"), "1/k", 2)
     config = merging.merge_config(

@@ -57,17 +57,26 @@ class MergeSpec:
         return 1.0 if self.weights == "1" else 1.0 / len(self.experts)
 
 
+# mergekit's TIES normalizes by the sum of the weights (``normalize`` defaults
+# to true): scaling every weight by 1/k leaves the merge unchanged up to
+# float rounding.
+WEIGHT_NORMALIZED = ("ties",)
+
+
 def merge_grid(
     expert_sets: Sequence[tuple[str, ...]],
     dare_seeds: Sequence[int],
     methods: Sequence[str] = METHODS,
 ) -> list[MergeSpec]:
-    """Every method × expert set × weighting; DARE methods once per seed."""
+    """Every method × expert set × weighting; DARE methods once per seed;
+    TIES with weights 1 only (it divides by the weights' sum, so its 1/k merge
+    is the same merge)."""
     return [
         MergeSpec(method, experts, weights, seed)
         for experts in expert_sets
         for weights in WEIGHTINGS
         for method in methods
+        if not (method in WEIGHT_NORMALIZED and weights != "1")
         for seed in (dare_seeds if method in DARE else (0,))
     ]
 

@@ -925,7 +925,8 @@ def _toy_setup(document: Mapping[str, Any], agree: int, total: int) -> list[str]
         f"DARE-TIES and DARE-linear (density {s['density']:g}; DARE over seeds "
         f"{', '.join(str(x) for x in s['dare_seeds'])}), expert weights 1 each and "
         "1/k each, through mergekit's `run_merge`; TIES normalizes by the weights, "
-        "so its two weightings coincide.",
+        "so it is merged with weights 1 only (its 1/k merge is the same up to float "
+        "rounding).",
         "* Normalized scores: on an expert task 0 = base, 1 = that task's expert; "
         "on general 1 = base, 0 = the most forgetful expert. Hypervolume is taken "
         "over all merges of an expert set (methods, weightings, seeds) in the "
@@ -975,7 +976,8 @@ def _real_setup(document: Mapping[str, Any], agree: int, total: int) -> list[str
         f"{s['density']:g}; DARE over seeds "
         f"{', '.join(str(x) for x in s['dare_seeds'])}) of {', '.join(sets)}, "
         "expert weights 1 each and 1/k each, in float32; TIES normalizes by the "
-        "weights, so its two weightings coincide. The ω sweep runs on every merge "
+        "weights, so it is merged with weights 1 only (its 1/k merge is the same up "
+        "to float rounding). The ω sweep runs on every merge "
         "of the triple.",
         "* Normalized scores: on an expert task 0 = base, 1 = that task's expert; "
         "on general 1 = base, 0 = the most forgetful expert. Hypervolume is taken "
