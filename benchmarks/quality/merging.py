@@ -211,9 +211,31 @@ def permuted_state(
 
     def choose(name: str) -> tuple[torch.Tensor, float]:
         statistic = importance[name]
-        digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest[:7], "big"))
-        order = torch.randperm(statistic.numel(), generator=generator)
-        return statistic[order], omega
+        return statistic[channel_order(name, statistic.numel(), seed)], omega
 
     return _relax_all(base, merged, importance, choose)
+
+
+def channel_order(name: str, size: int, seed: int = 0) -> torch.Tensor:
+    """The permuted control's order of tensor ``name``'s input channels
+    (seeded by the name, so every merge gets the same one)."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:7], "big"))
+    return torch.randperm(size, generator=generator)
+
+
+def control_factors(
+    importance: ImportanceMap, name: str, omega: float, control: str
+) -> torch.Tensor:
+    """The per-input-channel factor a control scales tensor ``name``'s delta
+    by: ``uniform``, AIM's mean factor on every channel; ``permuted``, AIM's
+    factors in :func:`channel_order` (a factor is a function of one channel's
+    ``s``, and ``max a`` does not change under a permutation). What
+    :func:`uniform_state` and :func:`permuted_state` apply, for deltas kept
+    in factored form (a LoRA's ``lora_A`` columns)."""
+    factors = aim_factors(importance, name, omega)
+    if control == "uniform":
+        return factors.mean().expand_as(factors)
+    if control == "permuted":
+        return factors[channel_order(name, factors.numel())]
+    raise ValueError(f"unknown control {control!r}")

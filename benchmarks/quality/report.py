@@ -43,6 +43,8 @@ SHORT = {
     "ties": "TIES",
     "dare_ties": "DARE-TIES",
     "dare_linear": "DARE-linear",
+    "lora_ties": "TIES (PEFT)",
+    "lora_dare_ties": "DARE-TIES (PEFT)",
 }
 
 
@@ -592,7 +594,8 @@ def markdown(document: Mapping[str, Any]) -> str:
     merge_seconds = sum(v for k, v in timings.items() if k.startswith("merge "))
     run = "quick" if document.get("quick") else "full"
     model = document.get("model")
-    command = "python -m benchmarks.quality" + (
+    lora = document.get("lora")
+    command = ("python -m benchmarks.quality" + (".lora" if lora else "")) + (
         f" --model {model}" if model else " --quick" if document.get("quick") else ""
     )
     setup = (
@@ -604,10 +607,19 @@ def markdown(document: Mapping[str, Any]) -> str:
     has_blocks = any("blocks" in r for r in rows)
     harness = s.get("scorer") == "lm-eval"
     parts = [
-        f"# Quality benchmark ({model or run} run)",
+        f"# Quality benchmark ({model or run}{' LoRA' if lora else ''} run)",
         "",
         f"Written by `{command}`. Every number below comes from this one run.",
         "",
+        *(
+            [
+                f"**Partial run**: {sum(r['variant'] == 'plain' for r in rows)} of "
+                f"the {document['planned_merges']} planned merges are scored.",
+                "",
+            ]
+            if document.get("complete") is False
+            else []
+        ),
         "## Setup",
         "",
         *setup,
@@ -942,6 +954,7 @@ def _real_setup(document: Mapping[str, Any], agree: int, total: int) -> list[str
     from benchmarks.real_models import model_spec
 
     s = document["settings"]
+    lora = document.get("lora")
     spec = model_spec(document["model"])
     sets = [set_name(p) for p in s["pairs"] or ()] + [set_name(EXPERT_TASKS)]
     methods = ", ".join(SHORT[m] for m in s["methods"])
@@ -949,17 +962,13 @@ def _real_setup(document: Mapping[str, Any], agree: int, total: int) -> list[str
         f"* Base: **{spec.description}** ({spec.license}), provisioned offline by "
         "`benchmarks.real_models` (4-bit weights dequantised to bf16): a real "
         "pretrained model, not trained here.",
-        "* Experts, each the whole base fully fine-tuned on one task on the CPU "
-        "(AdamW, warm-up and cosine decay, bf16 autocast, float32 weights and "
-        "task vectors), with no replay of general text: **code** (`builtin` "
-        f"code, language-model loss, {s['code_steps']} steps of {s['batch_size']} × "
-        f"{s['seq_len']} tokens, lr {s['code_lr']:g}); **math** (a two-digit number "
-        "plus or minus a one-digit number, bare or as a word problem; the base "
-        "answers none exactly) and **instructions** (reverse / uppercase / sort / "
-        "count / largest over 3–5 spaced characters), each from "
-        f"{s['train_items']} generated items, loss on the answer and end-of-text "
-        f"only, {s['item_steps']} steps of {s['item_batch_size']} items, lr "
-        f"{s['item_lr']:g}.",
+        (
+            _lora_experts(s, lora)
+            if lora
+            else "* Experts, each the whole base fully fine-tuned on one task on the "
+            "CPU (AdamW, warm-up and cosine decay, bf16 autocast, float32 weights "
+            "and task vectors), with no replay of general text: " + _real_tasks(s)
+        ),
         (
             _harness_metrics(document)
             if s.get("scorer") == "lm-eval"
@@ -971,20 +980,86 @@ def _real_setup(document: Mapping[str, Any], agree: int, total: int) -> list[str
         "**uniform** (each tensor's delta scaled by the mean of AIM's factors over "
         "that tensor: the same shrinkage, no activation information) and "
         "**permuted** (AIM with each tensor's statistic randomly permuted: the "
-        "same factors on the wrong channels). " + _tuned_setup(s),
-        f"* Merges through mergekit's `run_merge` ({methods}; density "
-        f"{s['density']:g}; DARE over seeds "
-        f"{', '.join(str(x) for x in s['dare_seeds'])}) of {', '.join(sets)}, "
-        "expert weights 1 each and 1/k each, in float32; TIES normalizes by the "
-        "weights, so it is merged with weights 1 only (its 1/k merge is the same up "
-        "to float rounding). The ω sweep runs on every merge "
-        "of the triple.",
+        "same factors on the wrong channels). "
+        + (_LORA_AIM if lora else "")
+        + _tuned_setup(s),
+        (
+            _lora_merges(s, lora, sets)
+            if lora
+            else f"* Merges through mergekit's `run_merge` ({methods}; density "
+            f"{s['density']:g}; DARE over seeds "
+            f"{', '.join(str(x) for x in s['dare_seeds'])}) of {', '.join(sets)}, "
+            "expert weights 1 each and 1/k each, in float32; TIES normalizes by "
+            "the weights, so it is merged with weights 1 only (its 1/k merge is the "
+            "same up to float rounding). The ω sweep runs on every merge of the "
+            "triple."
+        ),
         "* Normalized scores: on an expert task 0 = base, 1 = that task's expert; "
         "on general 1 = base, 0 = the most forgetful expert. Hypervolume is taken "
         "over all merges of an expert set in the space of its tasks and general; "
         "reference point per set: the worst normalized score on each axis over "
         "all its merges and variants minus 10% of the axis' range (at least 0.05).",
     ]
+
+
+def _real_tasks(s: Mapping[str, Any]) -> str:
+    return (
+        f"**code** (`builtin` code, language-model loss, {s['code_steps']} steps "
+        f"of {s['batch_size']} × {s['seq_len']} tokens, lr {s['code_lr']:g}); "
+        "**math** (a two-digit number plus or minus a one-digit number, bare or "
+        "as a word problem; the base answers none exactly) and **instructions** "
+        "(reverse / uppercase / sort / count / largest over 3–5 spaced "
+        f"characters), each from {s['train_items']} generated items, loss on the "
+        f"answer and end-of-text only, {s['item_steps']} steps of "
+        f"{s['item_batch_size']} items, lr {s['item_lr']:g}."
+    )
+
+
+def _lora_experts(s: Mapping[str, Any], lora: Mapping[str, Any]) -> str:
+    return (
+        f"* Experts, each a **LoRA adapter** (PEFT {lora['peft_version']}; rank "
+        f"{lora['r']}, alpha {lora['lora_alpha']}, dropout {lora['lora_dropout']:g}, "
+        f"on every attention and MLP linear: {', '.join(lora['target_modules'])}; "
+        "the base frozen) trained on one task on the CPU with the full fine-tune "
+        "run's data, steps, batches, schedule and seeds (AdamW, warm-up and "
+        "cosine decay, bf16 autocast, float32 adapter weights) and a learning "
+        f"rate {lora['lr_factor']:g}× the full fine-tune's: " + _real_tasks(s)
+    )
+
+
+def _lora_merges(
+    s: Mapping[str, Any], lora: Mapping[str, Any], sets: Sequence[str]
+) -> str:
+    weightings = " and ".join(lora["weightings"])
+    return (
+        "* Merges through PEFT's `add_weighted_adapter` with the combination "
+        f"types {', '.join(f'`{c}`' for c in lora['combinations'].values())} "
+        f"(density {s['density']:g}; DARE over torch seeds "
+        f"{', '.join(str(x) for x in s['dare_seeds'])}) of {', '.join(sets)} "
+        f"(expert weights {weightings} each). These types merge the experts' "
+        "`lora_A` matrices and their `lora_B` matrices separately, each scaled "
+        "by the square root of its weight times its scaling, and keep the "
+        f"rank: the merged adapter is a plain rank-{lora['r']} LoRA, not the "
+        "TIES merge of the experts' `B A` products. "
+        "PEFT's TIES divides by the number of agreeing experts, not by their "
+        "weights, so weights 1/k scale the merge by 1/k. Every variant is scored "
+        "as the full merges are: the adapter's delta added to the base's float32 "
+        f"weights, the model then loaded in {s['eval_dtype']}."
+        + (
+            " The ω sweep runs on every merge of the triple."
+            if len(s["sweep_omegas"]) > 1
+            else ""
+        )
+    )
+
+
+_LORA_AIM = (
+    "On an adapter AIM is `relax_adapter_`: each `lora_A`'s input columns "
+    "times AIM's factors, exactly AIM on the merged adapter's delta; the "
+    "controls scale the same columns by their factors. Only the adapted "
+    "linears move: norms and the LM head stay the base's in every variant "
+    "(a full merge relaxes them too). "
+)
 
 
 def _omegas(values: Sequence[float]) -> str:

@@ -351,7 +351,6 @@ def build_models(settings: Settings, data: TaskData, cache_dir: Path) -> Models:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import mergekit_aim
     from mergekit_aim.demo import models as demo_models
 
     root = Path(cache_dir) / f"models-{settings.training_key()}"
@@ -399,37 +398,12 @@ def build_models(settings: Settings, data: TaskData, cache_dir: Path) -> Models:
             return copy.deepcopy(base)
         return AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
 
-    train = dict(seq_len=settings.seq_len, batch_size=settings.batch_size)
     for i, task in enumerate(tasks.EXPERT_TASKS):
         if (experts[task] / ".done").exists():
             LOG.info("quality: %s expert found in %s", task, experts[task])
             continue
         expert = load_base()
-        if task == "code":
-            losses = demo_models.train_causal_lm(
-                expert,
-                tokenizer,
-                data.code_train,
-                steps=settings.code_steps,
-                lr=settings.code_lr,
-                seed=settings.seed + 1 + i,
-                autocast=autocast,
-                **train,
-            )
-        else:
-            losses = train_completions(
-                expert,
-                tokenizer,
-                [(item.prompt, item.answer) for item in data.items[task].train],
-                steps=settings.item_steps,
-                lr=settings.item_lr,
-                batch_size=settings.item_batch_size,
-                seed=settings.seed + 1 + i,
-                replay=data.base_train if settings.replay_batch_size else (),
-                replay_batch_size=settings.replay_batch_size,
-                replay_seq_len=settings.seq_len,
-                autocast=autocast,
-            )
+        losses = train_expert(expert, task, i, settings, data, tokenizer, autocast)
         LOG.info("quality: %s expert loss %.3f -> %.3f", task, losses[0], losses[-1])
         demo_models.save_checkpoint(
             expert, tokenizer, experts[task], dtype=torch.float32
@@ -440,23 +414,72 @@ def build_models(settings: Settings, data: TaskData, cache_dir: Path) -> Models:
     importance = root / "importance.safetensors"
     if not importance.exists():
         clock[0] = time.perf_counter()
-        imap = mergekit_aim.calibrate(
-            str(base_path),
-            tokenizer=tokenizer,
-            dataset="builtin",
-            split=settings.calibration_split,
-            num_samples=settings.calibration_samples,
-            seq_len=512,
-            seed=CALIBRATION_SEED,
-            batch_size=8,
-            quiet=True,
-        )
+        imap = calibrate_base(settings, base_path, tokenizer)
         imap.save(importance)
         log.setdefault("seconds", {})["calibration"] = round(
             time.perf_counter() - clock[0], 1
         )
         log_path.write_text(json.dumps(log, indent=2))
     return Models(root, base_path, experts, importance, tokenizer, log)
+
+
+def train_expert(
+    model: Any,
+    task: str,
+    index: int,
+    settings: Settings,
+    data: TaskData,
+    tokenizer: Any,
+    autocast: torch.dtype | None,
+) -> list[float]:
+    """Fine-tune ``model`` (a whole model, or a PEFT model whose frozen
+    parameters do not train) on ``task`` in place, the ``index``-th expert's
+    seed; returns each step's loss. ``code``: language-model loss on
+    ``builtin`` code; the item tasks: loss on the answer only."""
+    from mergekit_aim.demo import models as demo_models
+
+    if task == "code":
+        return demo_models.train_causal_lm(
+            model,
+            tokenizer,
+            data.code_train,
+            steps=settings.code_steps,
+            lr=settings.code_lr,
+            seed=settings.seed + 1 + index,
+            autocast=autocast,
+            seq_len=settings.seq_len,
+            batch_size=settings.batch_size,
+        )
+    return train_completions(
+        model,
+        tokenizer,
+        [(item.prompt, item.answer) for item in data.items[task].train],
+        steps=settings.item_steps,
+        lr=settings.item_lr,
+        batch_size=settings.item_batch_size,
+        seed=settings.seed + 1 + index,
+        replay=data.base_train if settings.replay_batch_size else (),
+        replay_batch_size=settings.replay_batch_size,
+        replay_seq_len=settings.seq_len,
+        autocast=autocast,
+    )
+
+
+def calibrate_base(settings: Settings, base_path: Path, tokenizer: Any) -> Any:
+    """The base's importance map, calibrated on ``builtin`` (task-agnostic)."""
+    import mergekit_aim
+
+    return mergekit_aim.calibrate(
+        str(base_path),
+        tokenizer=tokenizer,
+        dataset="builtin",
+        split=settings.calibration_split,
+        num_samples=settings.calibration_samples,
+        seq_len=512,
+        seed=CALIBRATION_SEED,
+        batch_size=8,
+        quiet=True,
+    )
 
 
 def _train_toy_base(settings: Settings, data: TaskData, path: Path) -> tuple:
