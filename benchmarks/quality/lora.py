@@ -206,11 +206,9 @@ def add_merge(model: Any, spec: MergeSpec, density: float) -> None:
 def lora_a(model: Any, adapter: str) -> Iterator[tuple[str, torch.nn.Parameter]]:
     """``(checkpoint name of the adapted weight, lora_A weight)`` of every
     module ``adapter`` adapts."""
-    prefix = "base_model.model."
-    for name, module in model.named_modules():
-        factor = getattr(module, "lora_A", None)
-        if factor is not None and adapter in factor:
-            yield f"{name.removeprefix(prefix)}.weight", factor[adapter].weight
+    for key, module in lora_layers(model):
+        if adapter in module.lora_A:
+            yield key, module.lora_A[adapter].weight
 
 
 class Folded:
@@ -239,10 +237,11 @@ class Folded:
 
 def lora_layers(model: Any) -> Iterator[tuple[str, Any]]:
     """``(checkpoint name of the adapted weight, LoRA layer)`` of a PEFT model."""
-    prefix = "base_model.model."
+    from mergekit_aim.names import PEFT_PREFIX
+
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and hasattr(module, "get_delta_weight"):
-            yield f"{name.removeprefix(prefix)}.weight", module
+            yield f"{name.removeprefix(PEFT_PREFIX)}.weight", module
 
 
 class AdapterVariants:
