@@ -24,6 +24,7 @@ import platform
 import time
 from collections.abc import Mapping
 from dataclasses import asdict
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +162,6 @@ class Tuner:
             )
             for t, texts in self.evals.items()
         }
-        self.records: dict[str, dict[str, Any]] = {}
 
     def choice(self, experts: tuple[str, ...]) -> dict[str, Any]:
         if self.harness is None:
@@ -175,6 +175,7 @@ class Tuner:
         }
 
     def _run(self, spec: merging.MergeSpec, path: Path, omegas, split: bool) -> Any:
+        """``tune``'s result for ``spec``'s plain merge at ``path``."""
         result = self.tune.tune_merged(
             self.models.base,
             path,
@@ -187,19 +188,20 @@ class Tuner:
             **self.choice(spec.experts),
             **self.kwargs,
         )
-        self.records.setdefault(spec.name, {})["split" if split else "scalar"] = (
-            result.to_json()
-        )
-        return result.chosen
+        return result
 
-    def scalar(self, spec: merging.MergeSpec, path: Path) -> float:
-        return float(
-            self._run(spec, path, self.settings.tune_omegas, False).omega_attention
-        )
+    def scalar(self, spec: merging.MergeSpec, path: Path) -> tuple[float, dict]:
+        """(the chosen ω, the tuning record the tuned row keeps)."""
+        result = self._run(spec, path, self.settings.tune_omegas, False)
+        return float(result.chosen.omega_attention), result.to_json()
 
-    def split(self, spec: merging.MergeSpec, path: Path) -> tuple[float, float]:
-        chosen = self._run(spec, path, self.settings.split_omegas, True)
-        return float(chosen.omega_attention), float(chosen.omega_mlp)
+    def split(
+        self, spec: merging.MergeSpec, path: Path
+    ) -> tuple[tuple[float, float], dict]:
+        """((attention ω, MLP ω) chosen, the tuning record)."""
+        result = self._run(spec, path, self.settings.split_omegas, True)
+        omegas = (result.chosen.omega_attention, result.chosen.omega_mlp)
+        return (float(omegas[0]), float(omegas[1])), result.to_json()
 
 
 def summarize(blocks: Mapping[str, list[float]]) -> dict[str, float]:
@@ -361,11 +363,11 @@ def run(
                         _row(variant, score(state), spec=spec, omega=settings.omega)
                     )
                     del state
-                chosen = tuner.scalar(spec, path)
+                chosen, record = tuner.scalar(spec, path)
                 rows.append(_row("tuned", score_aim(chosen), spec=spec, omega=chosen))
-                rows[-1]["tuning"] = tuner.records[spec.name]["scalar"]
+                rows[-1]["tuning"] = record
                 if settings.split_omegas:
-                    attention, mlp = tuner.split(spec, path)
+                    (attention, mlp), record = tuner.split(spec, path)
                     rows.append(
                         _row(
                             "tuned-split",
@@ -375,7 +377,7 @@ def run(
                             omega_mlp=mlp,
                         )
                     )
-                    rows[-1]["tuning"] = tuner.records[spec.name]["split"]
+                    rows[-1]["tuning"] = record
             done.write_text(json.dumps(rows[first_row:]))
             LOG.info(
                 "quality: %s plain %s aim %s",
@@ -398,7 +400,7 @@ def run(
             "merges and variants, minus 10% of the axis' range (at least 0.05)"
         ),
         "greedy_check": checks,
-        "lm_eval_version": _lm_eval_version() if settings.scorer == "lm-eval" else None,
+        "lm_eval_version": version("lm_eval") if settings.scorer == "lm-eval" else None,
         "training": models.log,
         "importance_spread": report.importance_spread(importance),
         "seconds": seconds,
@@ -406,12 +408,7 @@ def run(
         "machine": _machine(),
         "results": rows,
     }
-    (out_dir / "quality.json").write_text(json.dumps(document, indent=1))
-    try:
-        report.pareto_plot(rows, settings.omega, out_dir / "quality.png")
-    except ImportError:  # the bench extra (matplotlib) is not installed
-        LOG.warning("quality: matplotlib is not installed; no quality.png")
-    (out_dir / "quality.md").write_text(report.markdown(document))
+    report.write(out_dir, document)
     LOG.info("quality: finished in %.0f s; results in %s", seconds, out_dir)
     return document
 
@@ -469,12 +466,6 @@ def load_merged(model: Any, state: Mapping[str, torch.Tensor]) -> None:
             f"merged state does not fit the model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(result.unexpected_keys)[:5]}"
         )
-
-
-def _lm_eval_version() -> str:
-    from importlib.metadata import version
-
-    return version("lm_eval")
 
 
 def _settings_digest(settings: training.Settings) -> str:

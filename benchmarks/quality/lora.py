@@ -36,8 +36,9 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,6 @@ from benchmarks.quality import merging, report, scoring, tasks, training
 from benchmarks.quality.__main__ import (
     Evaluator,
     Tuner,
-    _lm_eval_version,
     _machine,
     _row,
     _settings_digest,
@@ -391,13 +391,13 @@ def run(
                     "lr_factor": LR_FACTOR,
                     "combinations": COMBINATIONS,
                     "weightings": sorted({s.weights for s in specs}),
-                    "peft_version": _version("peft"),
+                    "peft_version": version("peft"),
                 },
                 "settings": asdict(settings),
                 "tasks": list(tasks.TASKS),
                 "higher_is_better": report.HIGHER_IS_BETTER,
                 "greedy_check": {},
-                "lm_eval_version": _lm_eval_version() if harness else None,
+                "lm_eval_version": version("lm_eval") if harness else None,
                 "training": train_log,
                 "importance": str(importance_file),
                 "importance_spread": report.importance_spread(importance),
@@ -419,29 +419,19 @@ def run(
                 add_merge(model, spec, settings.density)
                 variants = AdapterVariants(model, spec.name, scorer, importance)
                 rows.extend(_fixed_rows(spec, variants, settings))
-                chosen = _tune(spec, variants, base, merge_dir, tuner)
+                chosen, record = _tune(spec, variants, base, merge_dir, tuner)
                 rows.append(
                     _row("tuned", variants.aim(chosen), spec=spec, omega=chosen)
                 )
-                rows[-1]["tuning"] = tuner.records[spec.name]["scalar"]
+                rows[-1]["tuning"] = record
                 model.delete_adapter(spec.name)
             done.write_text(json.dumps(rows[first_row:]))
             # Written after every merge: a run cut short leaves its report.
-            write(out_dir, document(rows, False))
+            report.write(out_dir, document(rows, False))
         final = document(rows, True)
-        write(out_dir, final)
+        report.write(out_dir, final)
     LOG.info("lora: finished in %.0f s; results in %s", final["seconds"], out_dir)
     return final
-
-
-def write(out_dir: Path, document: Mapping[str, Any]) -> None:
-    rows, omega = document["results"], document["settings"]["omega"]
-    (out_dir / "quality.json").write_text(json.dumps(document, indent=1))
-    try:
-        report.pareto_plot(rows, omega, out_dir / "quality.png")
-    except ImportError:  # the bench extra (matplotlib) is not installed
-        LOG.warning("lora: matplotlib is not installed; no quality.png")
-    (out_dir / "quality.md").write_text(report.markdown(document))
 
 
 def _fixed_rows(spec: MergeSpec, variants: AdapterVariants, settings) -> list[dict]:
@@ -472,9 +462,9 @@ def _fixed_rows(spec: MergeSpec, variants: AdapterVariants, settings) -> list[di
 
 def _tune(
     spec: MergeSpec, variants: AdapterVariants, base: Path, merge_dir: Path, tuner
-) -> float:
-    """ω chosen by ``tune`` on the validation split, from the plain merged
-    adapter folded into the base."""
+) -> tuple[float, dict]:
+    """(ω chosen by ``tune`` on the validation split from the plain merged
+    adapter folded into the base, the tuning record)."""
     variants.restore()
     saved = merge_dir / "adapter"
     variants.model.save_pretrained(saved, selected_adapters=[spec.name])
@@ -488,12 +478,6 @@ def _tune(
 def _digest(path: Path) -> str:
     # Rows scored against one artifact are not reused with another.
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:8]
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
 
 
 def main(argv: list[str] | None = None) -> int:

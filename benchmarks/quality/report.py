@@ -580,6 +580,24 @@ __all__ = [
 ]
 
 
+def write(out_dir: Path, document: Mapping[str, Any]) -> None:
+    """A run's ``quality.json``, ``quality.png`` (when matplotlib, the bench
+    extra, is installed) and ``quality.md`` under ``out_dir``."""
+    import json
+    import logging
+
+    (out_dir / "quality.json").write_text(json.dumps(document, indent=1))
+    try:
+        pareto_plot(
+            document["results"], document["settings"]["omega"], out_dir / "quality.png"
+        )
+    except ImportError:
+        logging.getLogger(__name__).warning(
+            "quality: matplotlib is not installed; no quality.png"
+        )
+    (out_dir / "quality.md").write_text(markdown(document))
+
+
 def markdown(document: Mapping[str, Any]) -> str:
     """The whole report of one run (``quality.md``)."""
     rows = document["results"]
