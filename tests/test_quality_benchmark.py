@@ -432,3 +432,13 @@ def test_real_model_settings():
     with pytest.raises(ValueError, match="no real-model settings"):
         runner.settings_for(model="nope")
     assert runner.settings_for() is training.FULL
+
+
+def test_a_split_row_is_relaxed_when_either_omega_is():
+    from benchmarks.quality.__main__ import _row
+
+    empty = ({}, {})
+    assert _row("tuned-split", empty, omega=1.0, omega_mlp=0.0)["aim"] is True
+    assert _row("tuned-split", empty, omega=0.4, omega_mlp=1.0)["aim"] is True
+    assert _row("tuned-split", empty, omega=1.0, omega_mlp=1.0)["aim"] is False
+    assert _row("tuned", empty, omega=1.0)["aim"] is False

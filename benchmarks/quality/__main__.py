@@ -218,7 +218,8 @@ def _row(
     omega_mlp: float | None = None,
 ) -> dict[str, Any]:
     metrics, blocks = scored
-    relaxed = omega is not None and min(omega, omega_mlp or omega) < 1
+    mlp = omega if omega_mlp is None else omega_mlp
+    relaxed = omega is not None and min(omega, mlp) < 1
     row = {
         "method": spec.method if spec else variant,
         "experts": list(spec.experts if spec else experts),
