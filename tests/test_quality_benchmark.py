@@ -442,3 +442,67 @@ def test_a_split_row_is_relaxed_when_either_omega_is():
     assert _row("tuned-split", empty, omega=0.4, omega_mlp=1.0)["aim"] is True
     assert _row("tuned-split", empty, omega=1.0, omega_mlp=1.0)["aim"] is False
     assert _row("tuned", empty, omega=1.0)["aim"] is False
+
+
+def test_gemma_settings_train_two_expert_seeds():
+    from dataclasses import replace
+
+    from benchmarks.quality import __main__ as runner
+
+    gemma = runner.settings_for(model="gemma3-270m")
+    assert gemma.scorer == "lm-eval" and gemma.calibration_split == "train"
+    assert {"task_arithmetic", "ties"} <= set(gemma.methods)
+    assert gemma.training_seeds() == (0, 1)
+    # each seed trains its own experts; the seed list itself is not a key
+    keys = {gemma.for_seed(s).training_key() for s in gemma.training_seeds()}
+    assert len(keys) == 2 and gemma.for_seed(0).training_key() in keys
+    assert gemma.for_seed(1).expert_seeds == () and gemma.for_seed(1).seed == 1
+    # without expert seeds the run is unchanged: one seed, the settings' own
+    smol = runner.settings_for(model="smollm2-135m")
+    assert smol.training_seeds() == (smol.seed,)
+    assert smol.for_seed(smol.seed) == smol
+    # a row's seed is either the experts' or DARE's, never both
+    with pytest.raises(ValueError, match="expert_seeds and DARE"):
+        replace(gemma, methods=("dare_ties",))
+
+
+def test_expert_references_average_over_training_seeds():
+    rows = _rows()
+    rows[1]["seed"] = 0
+    extra = dict(rows[1], seed=1, metrics=dict(rows[1]["metrics"], code=1.0))
+    base, experts = report.references([*rows, extra])
+    assert experts["code"]["code"] == pytest.approx(1.5)
+    assert experts["math"] == rows[2]["metrics"]
+    table = report.references_table([*rows, extra])
+    assert "expert: code (seed 0)" in table and "expert: code (seed 1)" in table
+
+
+def test_code_blocks_start_with_bos_for_models_that_need_one(tokenizer):
+    from benchmarks.quality import training
+
+    settings = training.REAL["gemma3-270m"]
+    assert training.block_bos(settings, tokenizer) == tokenizer.bos_token_id
+    assert training.block_bos(training.REAL["smollm2-135m"], tokenizer) is None
+    assert training.block_bos(training.QUICK, tokenizer) is None
+    from mergekit_aim.demo import models as demo_models
+
+    seen = {}
+
+    def capture(model, next_batch, **kwargs):
+        seen["ids"] = next_batch()["input_ids"]
+        return [0.0]
+
+    texts = [tasks.math_item(random.Random(i)).text for i in range(60)]
+    monkey = pytest.MonkeyPatch()
+    with monkey.context() as patch:
+        patch.setattr(demo_models, "run_training", capture)
+        demo_models.train_causal_lm(
+            None,
+            tokenizer,
+            texts,
+            steps=1,
+            seq_len=16,
+            batch_size=4,
+            bos_token_id=tokenizer.bos_token_id,
+        )
+    assert (seen["ids"][:, 0] == tokenizer.bos_token_id).all()

@@ -23,7 +23,7 @@ import math
 import platform
 import time
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -144,13 +144,12 @@ class Tuner:
         self,
         settings: training.Settings,
         models: training.Models,
-        importance: Any,
         data: training.TaskData,
         tokenizer: Any,
         harness: bool,
     ):
         self.tune = _tuner()
-        self.settings, self.models, self.importance = settings, models, importance
+        self.settings, self.models = settings, models
         self.kwargs = dict(
             seq_len=settings.seq_len, batch_size=EVAL_BATCH, dtype=settings.eval_dtype
         )
@@ -174,12 +173,14 @@ class Tuner:
             },
         }
 
-    def _run(self, spec: merging.MergeSpec, path: Path, omegas, split: bool) -> Any:
+    def _run(
+        self, spec: merging.MergeSpec, path: Path, importance, omegas, split: bool
+    ) -> Any:
         """``tune``'s result for ``spec``'s plain merge at ``path``."""
         result = self.tune.tune_merged(
             self.models.base,
             path,
-            self.importance,
+            importance,
             self.evals,
             omegas,
             split_attention_mlp=split,
@@ -190,16 +191,18 @@ class Tuner:
         )
         return result
 
-    def scalar(self, spec: merging.MergeSpec, path: Path) -> tuple[float, dict]:
+    def scalar(
+        self, spec: merging.MergeSpec, path: Path, importance: Any
+    ) -> tuple[float, dict]:
         """(the chosen ω, the tuning record the tuned row keeps)."""
-        result = self._run(spec, path, self.settings.tune_omegas, False)
+        result = self._run(spec, path, importance, self.settings.tune_omegas, False)
         return float(result.chosen.omega_attention), result.to_json()
 
     def split(
-        self, spec: merging.MergeSpec, path: Path
+        self, spec: merging.MergeSpec, path: Path, importance: Any
     ) -> tuple[tuple[float, float], dict]:
         """((attention ω, MLP ω) chosen, the tuning record)."""
-        result = self._run(spec, path, self.settings.split_omegas, True)
+        result = self._run(spec, path, importance, self.settings.split_omegas, True)
         omegas = (result.chosen.omega_attention, result.chosen.omega_mlp)
         return (float(omegas[0]), float(omegas[1])), result.to_json()
 
@@ -293,21 +296,23 @@ def run(
         with watch("data"):
             data = training.build_data(settings)
         with watch("training and calibration"):
-            models = training.build_models(settings, data, cache_dir)
+            trained = {
+                seed: training.build_models(settings.for_seed(seed), data, cache_dir)
+                for seed in settings.training_seeds()
+            }
+        models = trained[settings.training_seeds()[0]]
         tokenizer = models.tokenizer
-        bos = None
-        if settings.model:
-            from benchmarks.real_models import model_spec
-
-            if model_spec(settings.model).bos_every_chunk:
-                bos = tokenizer.bos_token_id
         harness = settings.scorer == "lm-eval"
         if harness:
             scoring.write_data(settings, out_dir / "lm_eval_data")
             evaluate: Any = scoring.HarnessTasks(tokenizer)
         else:
-            evaluate = Evaluator(tokenizer, data, settings.seq_len, bos)
-        importance = ImportanceMap.load(models.importance)
+            evaluate = Evaluator(
+                tokenizer,
+                data,
+                settings.seq_len,
+                training.block_bos(settings, tokenizer),
+            )
         base_state = merging.load_state(models.base)
         model = AutoModelForCausalLM.from_pretrained(models.base, dtype=eval_dtype)
 
@@ -315,36 +320,62 @@ def run(
         checks: dict[str, Any] = {}
         with watch("reference models"):
             rows.append(_row("base", evaluate.blocks(model)))
-            for task, path in models.experts.items():
-                expert = AutoModelForCausalLM.from_pretrained(path, dtype=eval_dtype)
-                rows.append(_row("expert", evaluate.blocks(expert), experts=(task,)))
-                if not harness:  # lm-eval decodes greedily itself
-                    checks.update(
-                        _greedy_check(expert, tokenizer, task, data, evaluate, settings)
+            for seed, seed_models in trained.items():
+                for task, path in seed_models.experts.items():
+                    expert = AutoModelForCausalLM.from_pretrained(
+                        path, dtype=eval_dtype
                     )
-                del expert
+                    rows.append(
+                        _row("expert", evaluate.blocks(expert), experts=(task,))
+                    )
+                    if settings.expert_seeds:
+                        rows[-1]["seed"] = seed
+                    if not harness:  # lm-eval decodes greedily itself
+                        checks.update(
+                            _greedy_check(
+                                expert, tokenizer, task, data, evaluate, settings
+                            )
+                        )
+                    del expert
             LOG.info(
                 "quality: references %s",
                 [(r["variant"], r["experts"], r["metrics"]) for r in rows],
             )
 
-        tuner = Tuner(settings, models, importance, data, tokenizer, harness)
-        pairs = settings.pairs or tuple(itertools.combinations(tasks.EXPERT_TASKS, 2))
+        pairs = settings.pairs
+        if pairs is None:
+            pairs = tuple(itertools.combinations(tasks.EXPERT_TASKS, 2))
         expert_sets = [*pairs, tuple(tasks.EXPERT_TASKS)]
-        specs = merging.merge_grid(expert_sets, settings.dare_seeds, settings.methods)
-        merges_dir = cache_dir / f"merges-{settings.training_key()}"
         # Each merge's rows are cached beside it, keyed by every setting, so an
         # interrupted run resumes at the first unscored merge.
         rows_name = f"rows-{_settings_digest(settings)}.json"
-        for n, spec in enumerate(specs, 1):
+        jobs = [
+            (seed_models, spec)
+            for seed, seed_models in trained.items()
+            for spec in merging.merge_grid(
+                expert_sets, settings.dare_seeds, settings.methods
+            )
+            for spec in [replace(spec, seed=seed) if settings.expert_seeds else spec]
+        ]
+        tuner = Tuner(settings, models, data, tokenizer, harness)
+        for n, (seed_models, spec) in enumerate(jobs, 1):
+            seed_settings = (
+                settings.for_seed(spec.seed) if settings.expert_seeds else settings
+            )
+            merges_dir = cache_dir / f"merges-{seed_settings.training_key()}"
             done = merges_dir / spec.name / rows_name
             if done.exists():
                 rows.extend(json.loads(done.read_text()))
                 continue
             first_row = len(rows)
-            with watch(f"merge {n}/{len(specs)} {spec.name}"):
+            importance = ImportanceMap.load(seed_models.importance)
+            with watch(f"merge {n}/{len(jobs)} {spec.name}"):
                 path = merging.run_plain_merge(
-                    spec, models.base, models.experts, settings.density, merges_dir
+                    spec,
+                    seed_models.base,
+                    seed_models.experts,
+                    settings.density,
+                    merges_dir,
                 )
                 merged = merging.load_state(path)
                 variants = Variants(model, evaluate, base_state, merged, importance)
@@ -364,11 +395,11 @@ def run(
                         _row(variant, score(state), spec=spec, omega=settings.omega)
                     )
                     del state
-                chosen, record = tuner.scalar(spec, path)
+                chosen, record = tuner.scalar(spec, path, importance)
                 rows.append(_row("tuned", score_aim(chosen), spec=spec, omega=chosen))
                 rows[-1]["tuning"] = record
                 if settings.split_omegas:
-                    (attention, mlp), record = tuner.split(spec, path)
+                    (attention, mlp), record = tuner.split(spec, path, importance)
                     rows.append(
                         _row(
                             "tuned-split",
@@ -402,8 +433,14 @@ def run(
         ),
         "greedy_check": checks,
         "lm_eval_version": version("lm_eval") if settings.scorer == "lm-eval" else None,
-        "training": models.log,
-        "importance_spread": report.importance_spread(importance),
+        "training": (
+            {str(seed): m.log for seed, m in trained.items()}
+            if settings.expert_seeds
+            else models.log
+        ),
+        "importance_spread": report.importance_spread(
+            ImportanceMap.load(models.importance)
+        ),
         "seconds": seconds,
         "timings": watch.timings,
         "machine": _machine(),

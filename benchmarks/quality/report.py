@@ -58,9 +58,17 @@ def objectives(experts: Sequence[str]) -> tuple[str, ...]:
 
 
 def references(rows: Sequence[Mapping[str, Any]]) -> tuple[dict, dict]:
-    """(base metrics, {task: that task's expert's metrics}) from the rows."""
+    """(base metrics, {task: that task's expert's metrics}) from the rows; with
+    experts of several training seeds, each metric is their mean."""
     base = next(r["metrics"] for r in rows if r["variant"] == "base")
-    experts = {r["experts"][0]: r["metrics"] for r in rows if r["variant"] == "expert"}
+    seeds = defaultdict(list)
+    for r in rows:
+        if r["variant"] == "expert":
+            seeds[r["experts"][0]].append(r["metrics"])
+    experts = {
+        task: {m: mean([one[m] for one in found]) for m in found[0]}
+        for task, found in seeds.items()
+    }
     return base, experts
 
 
@@ -339,6 +347,8 @@ def references_table(rows: Sequence[Mapping[str, Any]]) -> str:
         if row["variant"] not in ("base", "expert"):
             continue
         name = "base" if row["variant"] == "base" else f"expert: {row['experts'][0]}"
+        if row.get("seed") is not None:
+            name += f" (seed {row['seed']})"
         body.append([name, *(_fmt_metric(t, row["metrics"][t]) for t in TASKS)])
     return _table(["model", *(LABELS[t] for t in TASKS)], body, len(TASKS))
 
@@ -1005,12 +1015,15 @@ def _real_setup(document: Mapping[str, Any], agree: int, total: int) -> list[str
             _lora_merges(s, lora, sets)
             if lora
             else f"* Merges through mergekit's `run_merge` ({methods}; density "
-            f"{s['density']:g}; DARE over seeds "
-            f"{', '.join(str(x) for x in s['dare_seeds'])}) of {', '.join(sets)}, "
+            f"{s['density']:g}; {_seeds(s)}) of {', '.join(sets)}, "
             "expert weights 1 each and 1/k each, in float32; TIES normalizes by "
             "the weights, so it is merged with weights 1 only (its 1/k merge is the "
-            "same up to float rounding). The ω sweep runs on every merge of the "
-            "triple."
+            "same up to float rounding)."
+            + (
+                " The ω sweep runs on every merge of the triple."
+                if s["sweep_omegas"]
+                else ""
+            )
         ),
         "* Normalized scores: on an expert task 0 = base, 1 = that task's expert; "
         "on general 1 = base, 0 = the most forgetful expert. Hypervolume is taken "
@@ -1018,6 +1031,18 @@ def _real_setup(document: Mapping[str, Any], agree: int, total: int) -> list[str
         "reference point per set: the worst normalized score on each axis over "
         "all its merges and variants minus 10% of the axis' range (at least 0.05).",
     ]
+
+
+def _seeds(s: Mapping[str, Any]) -> str:
+    seeds = s.get("expert_seeds") or ()
+    if not seeds:
+        return f"DARE over seeds {', '.join(str(x) for x in s['dare_seeds'])}"
+    return (
+        f"every expert trained once per training seed ({', '.join(map(str, seeds))}: "
+        "same data and steps, its own batch order), each seed's experts merged "
+        "with each other; a row's *seed* is its experts' training seed, and the "
+        "normalized scores' expert reference is the mean over seeds"
+    )
 
 
 def _real_tasks(s: Mapping[str, Any]) -> str:

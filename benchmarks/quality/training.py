@@ -31,7 +31,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +102,27 @@ class Settings:
         ("math", 0.0),
         ("instructions", 0.0),
     )
+    # Training seeds of the experts (real models): each seed fine-tunes its
+    # own three experts from the base on the same data in its own batch order,
+    # and a merge's row ``seed`` is its experts' seed. Empty: ``seed`` only,
+    # and a row's ``seed`` is the DARE seed.
+    expert_seeds: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.expert_seeds) > 1 and set(self.methods) & {
+            "dare_ties",
+            "dare_linear",
+        }:
+            raise ValueError(
+                "expert_seeds and DARE methods both claim a row's seed; use one of them"
+            )
+
+    def for_seed(self, seed: int) -> Settings:
+        """The settings that train the experts of training seed ``seed``."""
+        return replace(self, seed=seed, expert_seeds=())
+
+    def training_seeds(self) -> tuple[int, ...]:
+        return self.expert_seeds or (self.seed,)
 
     def training_key(self) -> str:
         """Hash of everything that determines the trained models."""
@@ -126,6 +147,7 @@ class Settings:
                 "scorer",
                 "split_omegas",
                 "keep",
+                "expert_seeds",
             )
         }
         fields["corpus"] = builtin_fingerprint()
@@ -204,7 +226,47 @@ REAL = {
         calibration_split="train",
         scorer="lm-eval",
         split_omegas=(0.0, 0.4, 1.0),
-    )
+    ),
+    # Gemma-3-270M: a training step costs ~4x SmolLM2's on these CPUs (its
+    # 262k-word vocabulary, 63% of the parameters, is in every step), so its
+    # experts see fewer, shorter batches; two training seeds instead of DARE
+    # seeds; the triple only, without the ω sweep and the split grid.
+    "gemma3-270m": Settings(
+        vocab_size=0,
+        hidden_size=0,
+        num_layers=0,
+        seq_len=64,
+        batch_size=8,
+        base_steps=0,
+        base_lr=0.0,
+        base_chars=0,
+        code_steps=40,
+        code_lr=5e-5,
+        item_steps=40,
+        item_lr=1e-4,
+        item_batch_size=16,
+        replay_batch_size=0,
+        code_chars=300_000,
+        train_items=3000,
+        validation_items=40,
+        test_items=200,
+        heldout_chars=16_000,
+        validation_chars=4_000,
+        calibration_samples=128,
+        density=0.5,
+        dare_seeds=(0,),
+        omega=0.4,
+        sweep_omegas=(),
+        tune_omegas=(0.0, 0.2, 0.4, 0.6, 1.0),
+        greedy_check_items=20,
+        model="gemma3-270m",
+        methods=("task_arithmetic", "ties"),
+        pairs=(),
+        eval_dtype="bfloat16",
+        calibration_split="train",
+        scorer="lm-eval",
+        expert_seeds=(0, 1),
+    ),
 }
 QUICK = Settings(
     vocab_size=512,
@@ -449,6 +511,7 @@ def train_expert(
             autocast=autocast,
             seq_len=settings.seq_len,
             batch_size=settings.batch_size,
+            bos_token_id=block_bos(settings, tokenizer),
         )
     return train_completions(
         model,
@@ -465,6 +528,17 @@ def train_expert(
     )
 
 
+def block_bos(settings: Settings, tokenizer: Any) -> int | None:
+    """The token every packed block starts with, for the real models that
+    expect one at the start of a sequence (Gemma-3); None otherwise."""
+    if settings.model:
+        from benchmarks.real_models import model_spec
+
+        if model_spec(settings.model).bos_every_chunk:
+            return tokenizer.bos_token_id
+    return None
+
+
 def calibrate_base(settings: Settings, base_path: Path, tokenizer: Any) -> Any:
     """The base's importance map, calibrated on ``builtin`` (task-agnostic)."""
     import mergekit_aim
@@ -478,6 +552,9 @@ def calibrate_base(settings: Settings, base_path: Path, tokenizer: Any) -> Any:
         seq_len=512,
         seed=CALIBRATION_SEED,
         batch_size=8,
+        # float32 whatever the checkpoint's dtype: Gemma-3's activations
+        # overflow float16, and the statistic is summed over many tokens.
+        dtype="float32",
         quiet=True,
     )
 

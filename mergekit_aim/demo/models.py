@@ -256,6 +256,7 @@ def train_causal_lm(
     lr: float = 3e-3,
     seed: int = 0,
     autocast: torch.dtype | None = None,
+    bos_token_id: int | None = None,
 ) -> list[float]:
     """Train ``model`` in place for ``steps`` AdamW steps; returns each step's loss.
 
@@ -264,9 +265,10 @@ def train_causal_lm(
     are :func:`run_training`'s. The model is left in eval mode. Raises
     ``ValueError`` when the texts do not fill one block. ``autocast``: run
     forward and backward under CPU autocast to that dtype (float32 master
-    weights and optimizer).
+    weights and optimizer). ``bos_token_id``: every block starts with it
+    (models such as Gemma-3 that expect one at the start of every sequence).
     """
-    data = token_blocks(tokenizer, texts, seq_len)
+    data = token_blocks(tokenizer, texts, seq_len, bos_token_id=bos_token_id)
     if data.shape[0] == 0:
         raise ValueError(f"the texts give fewer than seq_len={seq_len} tokens")
     draw = shuffled_batches(len(data), batch_size, seed)
