@@ -122,7 +122,7 @@ def _table(header: Sequence[str], body: Iterable[Sequence[str]], right: int) -> 
 
 
 def _grouped(pairs, *, by_seed: bool = False):
-    """Pairs grouped by (set, method, weights), DARE seeds pooled."""
+    """Pairs grouped by (set, method, weights), seeds (DARE or training) pooled."""
     groups = defaultdict(list)
     for plain, other in pairs:
         key = (set_name(plain["experts"]), plain["method"], plain["weights"])
@@ -139,7 +139,7 @@ def relative_change_table(
     rows: Sequence[Mapping[str, Any]], omega: float, variant: str = "aim"
 ) -> str:
     """The paper's table: % change of each task metric, ``variant`` vs plain,
-    per expert set × method × weighting (DARE seeds averaged first).
+    per expert set × method × weighting (seeds averaged first).
     Positive means better (higher accuracy, lower loss)."""
     body = []
     pairs = paired(rows, variant, omega if variant in FIXED_OMEGA else None)
@@ -163,7 +163,7 @@ def relative_change_table(
 def absolute_table(rows: Sequence[Mapping[str, Any]], omega: float) -> str:
     """Test metrics of plain / AIM / uniform / permuted / tuned, per merge group.
 
-    Accuracies in %, losses in nats; DARE seeds averaged."""
+    Accuracies in %, losses in nats; seeds averaged."""
     groups = defaultdict(dict)
     for row in rows:
         if row["variant"] in ("base", "expert"):
@@ -724,7 +724,7 @@ def markdown(document: Mapping[str, Any]) -> str:
         "",
         f"## Relative change, AIM (ω = {omega:g}) vs plain",
         "",
-        "Per task, % change of the metric (DARE seeds averaged first); positive "
+        "Per task, % change of the metric (seeds averaged first); positive "
         "= AIM better (higher accuracy, lower loss); n/a where the plain merge "
         "scores 0.",
         "",
