@@ -464,6 +464,8 @@ def test_gemma_settings_train_two_expert_seeds():
     # a row's seed is either the experts' or DARE's, never both
     with pytest.raises(ValueError, match="expert_seeds and DARE"):
         replace(gemma, methods=("dare_ties",))
+    with pytest.raises(ValueError, match="real pretrained base"):
+        replace(gemma, model=None)
 
 
 def test_expert_references_average_over_training_seeds():

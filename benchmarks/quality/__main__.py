@@ -460,21 +460,23 @@ def build_experts(
     smoke: bool = False,
 ) -> dict[str, Path]:
     """Only the first stage: the base, the three experts and the base's
-    artifact (cached like a full run), linked as ``OUT/models/<name>``."""
+    artifact (cached like a full run), linked as ``OUT/models/<name>``; with
+    several training seeds, each seed's experts as ``expert_<task>_s<seed>``."""
     from mergekit_aim.console import quiet_transformers
 
     settings = settings_for(quick, model_name, smoke)
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
+    data = training.build_data(settings)
+    targets: dict[str, Path] = {}
     with quiet_transformers():
-        models = training.build_models(
-            settings, training.build_data(settings), cache_dir
-        )
-    targets = {
-        "base": models.base,
-        **{f"expert_{task}": path for task, path in models.experts.items()},
-        "importance.safetensors": models.importance,
-    }
+        for seed in settings.training_seeds():
+            models = training.build_models(settings.for_seed(seed), data, cache_dir)
+            suffix = f"_s{seed}" if settings.expert_seeds else ""
+            targets.update(
+                {f"expert_{t}{suffix}": path for t, path in models.experts.items()}
+            )
+    targets.update(base=models.base, **{"importance.safetensors": models.importance})
     links = out_dir / "models"
     links.mkdir(parents=True, exist_ok=True)
     for name, target in targets.items():

@@ -109,6 +109,10 @@ class Settings:
     expert_seeds: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.expert_seeds and not self.model:
+            # A toy base is trained with the seed too: its seeds would not
+            # share the base their merges are relaxed toward.
+            raise ValueError("expert_seeds needs a real pretrained base (model)")
         if len(self.expert_seeds) > 1 and set(self.methods) & {
             "dare_ties",
             "dare_linear",
