@@ -508,3 +508,22 @@ def test_code_blocks_start_with_bos_for_models_that_need_one(tokenizer):
             bos_token_id=tokenizer.bos_token_id,
         )
     assert (seen["ids"][:, 0] == tokenizer.bos_token_id).all()
+
+
+def test_freeze_stops_named_parameters_and_refuses_unknown_names():
+    from benchmarks.quality import training
+    from mergekit_aim.demo.models import tiny_llama
+
+    model = tiny_llama(64, hidden_size=16, num_layers=1, seed=0)
+    training.freeze(model, ["model.embed_tokens.weight"])
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert grads.pop("model.embed_tokens.weight") is False
+    assert all(grads.values())
+    with pytest.raises(ValueError, match="lacks"):
+        training.freeze(model, ["model.nope.weight"])
+    # the Gemma run freezes its tied embedding; the key records it
+    gemma = training.REAL["gemma3-270m"]
+    assert gemma.frozen == ("model.embed_tokens.weight",)
+    from dataclasses import replace
+
+    assert replace(gemma, frozen=()).training_key() != gemma.training_key()
