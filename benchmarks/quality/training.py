@@ -108,10 +108,10 @@ class Settings:
     # and a row's ``seed`` is the DARE seed.
     expert_seeds: tuple[int, ...] = ()
     # Parameters that expert training leaves frozen, by name. Gemma-3's tied
-    # embedding: AdamW moves each of its 262k rows by ~lr a step however small
-    # its gradient, and a task with a narrow answer vocabulary pushes them all
-    # one way, which wrecks the base's general text (seen: general bits per
-    # byte 1.27 -> 2.7-3.1 for the item experts in 40 steps).
+    # embedding (262k rows): AdamW moves every row by ~lr a step however small
+    # its gradient. Freezing it was tried as a cure for the item experts'
+    # forgetting and is not one (their general bits per byte rise from 1.27 to
+    # 2.6-3.1 either way); it stays because the Gemma report was run with it.
     frozen: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -244,7 +244,9 @@ REAL = {
     # 262k-word vocabulary, 63% of the parameters, is in every step), so its
     # experts see fewer, shorter batches, with the tied embedding frozen (see
     # Settings.frozen); two training seeds instead of DARE seeds; the triple
-    # only, without the ω sweep and the split grid.
+    # only, without the ω sweep and the split grid. SmolLM2's learning rates
+    # make Gemma's item experts forget far more than SmolLM2's (the report
+    # says so); they are kept so that the two runs differ in the model only.
     "gemma3-270m": replace(
         _SMOLLM2,
         model="gemma3-270m",
