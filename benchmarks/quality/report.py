@@ -560,8 +560,8 @@ def pareto_plot(rows: Sequence[Mapping[str, Any]], omega: float, path: Path) -> 
         xs = [mean([p[0] for p in curve[o]]) for o in omegas]
         ys = [mean([p[1] for p in curve[o]]) for o in omegas]
         ax.plot(xs, ys, marker="o", label=SHORT[method])
-        ax.annotate("ω=0", (xs[0], ys[0]), fontsize=7)
-        ax.annotate("ω=1", (xs[-1], ys[-1]), fontsize=7)
+        ax.annotate(f"ω={omegas[0]:g}", (xs[0], ys[0]), fontsize=7)
+        ax.annotate(f"ω={omegas[-1]:g}", (xs[-1], ys[-1]), fontsize=7)
     ax.set_title(f"ω sweep, {set_name(triple)} (mean over weightings, seeds)")
     ax.set_xlabel("mean normalized task score")
     ax.set_ylabel("general score")
