@@ -371,7 +371,7 @@ def run(
         models = training.Models(
             root, base, adapters, importance_file, tokenizer, train_log
         )
-        tuner = Tuner(settings, models, importance, data, tokenizer, harness)
+        tuner = Tuner(settings, models, data, tokenizer, harness)
         specs = lora_grid(settings, reduced)
 
         def watch_seconds() -> float:
@@ -470,7 +470,7 @@ def _tune(
     variants.model.save_pretrained(saved, selected_adapters=[spec.name])
     folded = fold(base, saved / spec.name, merge_dir / "folded")
     try:
-        return tuner.scalar(spec, folded)
+        return tuner.scalar(spec, folded, variants.importance)
     finally:
         shutil.rmtree(folded, ignore_errors=True)  # a float32 copy of the model
 
