@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mergekit-aim-installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo demo-toy test test-real install lint mergekit-tests clean real-models gpu-check
+.PHONY: demo demo-toy test test-real test-extended install lint mergekit-tests clean real-models gpu-check
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ test: $(STAMP)
 # offload, float16 overflow), deselected from `make test`.
 test-real: $(STAMP)
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -m real_large tests/real
+
+# The slowest end-to-end tests (the SmolLM2 demo command, every refusal and the
+# cache through mergekit-yaml), deselected from `make test` to keep it short; CI runs them.
+test-extended: $(STAMP)
+	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -m extended
 
 # mergekit's own test suite (from its sdist) with this plugin installed: the
 # plugin must not change mergekit's behaviour for configs without `aim:`.

@@ -125,6 +125,7 @@ def test_mergekit_yaml_honours_aim_block(
         assert any(n.endswith("input_layernorm.weight") for n in names)
 
 
+@pytest.mark.extended
 @needs_compiler
 @pytest.mark.parametrize("family_name", ["llama", "gpt2"])
 def test_cpu_relaxation_kernel_does_not_change_the_merge(
@@ -165,6 +166,7 @@ def test_cpu_relaxation_kernel_does_not_change_the_merge(
             assert torch.equal(outputs[name][tensor_name], tensor), (name, tensor_name)
 
 
+@pytest.mark.extended
 def test_calibration_block_computes_once_then_hits_cache(
     tiny_family, tiny_text_file, tmp_path
 ):
@@ -198,6 +200,7 @@ def test_calibration_block_computes_once_then_hits_cache(
     assert ImportanceMap.load(entries[0])  # rewritten whole
 
 
+@pytest.mark.extended
 def test_bad_inputs_fail_before_writing(tiny_family, tiny_text_file, tmp_path):
     llama = tiny_family("llama")
     gpt2 = tiny_family("gpt2")

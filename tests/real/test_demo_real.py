@@ -12,7 +12,7 @@ import yaml
 from mergekit_aim.demo import real
 from mergekit_aim.errors import AimConfigError
 
-pytestmark = [pytest.mark.slow, pytest.mark.real]
+pytestmark = [pytest.mark.slow, pytest.mark.real, pytest.mark.extended]
 
 TINY = real.RealSettings(
     steps=1,
