@@ -349,26 +349,26 @@ def run(
         # Each merge's rows are cached beside it, keyed by every setting, so an
         # interrupted run resumes at the first unscored merge.
         rows_name = f"rows-{_settings_digest(settings)}.json"
+        grid = merging.merge_grid(expert_sets, settings.dare_seeds, settings.methods)
+        # With expert seeds a row's seed is the experts' (no DARE: Settings
+        # refuses the mix); each seed's merges sit beside its own models.
         jobs = [
-            (seed_models, spec)
-            for seed, seed_models in trained.items()
-            for spec in merging.merge_grid(
-                expert_sets, settings.dare_seeds, settings.methods
-            )
-            for spec in [replace(spec, seed=seed) if settings.expert_seeds else spec]
+            (seed, replace(spec, seed=seed) if settings.expert_seeds else spec)
+            for seed in trained
+            for spec in grid
         ]
+        importances = {
+            seed: ImportanceMap.load(m.importance) for seed, m in trained.items()
+        }
         tuner = Tuner(settings, models, data, tokenizer, harness)
-        for n, (seed_models, spec) in enumerate(jobs, 1):
-            seed_settings = (
-                settings.for_seed(spec.seed) if settings.expert_seeds else settings
-            )
-            merges_dir = cache_dir / f"merges-{seed_settings.training_key()}"
+        for n, (seed, spec) in enumerate(jobs, 1):
+            seed_models, importance = trained[seed], importances[seed]
+            merges_dir = cache_dir / f"merges-{settings.for_seed(seed).training_key()}"
             done = merges_dir / spec.name / rows_name
             if done.exists():
                 rows.extend(json.loads(done.read_text()))
                 continue
             first_row = len(rows)
-            importance = ImportanceMap.load(seed_models.importance)
             with watch(f"merge {n}/{len(jobs)} {spec.name}"):
                 path = merging.run_plain_merge(
                     spec,
@@ -439,7 +439,7 @@ def run(
             else models.log
         ),
         "importance_spread": report.importance_spread(
-            ImportanceMap.load(models.importance)
+            importances[settings.training_seeds()[0]]
         ),
         "seconds": seconds,
         "timings": watch.timings,

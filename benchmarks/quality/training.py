@@ -246,7 +246,7 @@ REAL = {
     # Settings.frozen); two training seeds instead of DARE seeds; the triple
     # only, without the ω sweep and the split grid. SmolLM2's learning rates
     # make Gemma's item experts forget far more than SmolLM2's (the report
-    # says so); they are kept so that the two runs differ in the model only.
+    # says so); they are kept so that both runs share their learning rates.
     "gemma3-270m": replace(
         _SMOLLM2,
         model="gemma3-270m",
